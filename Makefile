@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make test` and `make demo`.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+PIP     := $(VPY) -m pip
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test test-fast demo bench clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+
+# torch first, pinned, so pip takes the local 2.13.0+cpu wheel and nothing pulls a CUDA build.
+$(STAMP): pyproject.toml Makefile | $(VPY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(VPY) -m pytest -q
+
+test-fast: install
+	$(VPY) -m pytest -q -m "not slow"
+
+# Placeholder until the vLLM plugin lands (issue 5): shows what the loader sees in the shipped layout.
+demo: install
+	@rm -rf /tmp/dsv4-demo-flash && $(VPY) ../shared/tools/dsv4_inventory.py sparse flash /tmp/dsv4-demo-flash >/dev/null
+	$(VENV)/bin/dsv4 inspect /tmp/dsv4-demo-flash
+
+bench: install
+	$(VPY) benchmarks/plan_speed.py --out benchmarks/results/plan_speed
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
