@@ -1,0 +1,136 @@
+"""Find an artifact's safetensors files and scan their headers into one validated ``Checkpoint``.
+
+Header-only and torch-free, so ``dsv4 inspect`` starts fast; the 69,187-tensor DSv4-Flash layout scans in a
+fraction of a second. Fails at the first problem, visiting files in sorted order.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Final
+
+from vllm_deepseek_v4.checkpoint.format import Checkpoint, TensorInfo, parse_header
+from vllm_deepseek_v4.errors import CheckpointError
+
+__all__ = ["INDEX_NAME", "scan_checkpoint"]
+
+# transformers' SAFE_WEIGHTS_INDEX_NAME: {"metadata": {...}, "weight_map": {tensor: shard file}}.
+INDEX_NAME: Final[str] = "model.safetensors.index.json"
+
+
+def _read_index(path: str) -> dict[str, str]:
+    """Return the index's ``weight_map`` (tensor -> shard file relative to the index's folder)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            index = json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError("malformed index JSON", file=path, expected="a JSON object",
+                              found=f"invalid JSON ({exc})") from None
+    if not isinstance(index, dict) or "weight_map" not in index:
+        found = f"keys {sorted(index)}" if isinstance(index, dict) else type(index).__name__
+        raise CheckpointError("index without weight_map", file=path, expected='an object with "weight_map"',
+                              found=found)
+    wmap = index["weight_map"]
+    if not isinstance(wmap, dict) or not wmap:
+        raise CheckpointError("bad weight_map", file=path, expected="a non-empty object {tensor: file}",
+                              found=repr(wmap)[:80])
+    checked: set[str] = set()
+    for name, rel in wmap.items():
+        if rel in checked:
+            continue
+        if not isinstance(rel, str) or os.path.isabs(rel) or os.path.normpath(rel).startswith(".."):
+            raise CheckpointError("bad weight_map entry", file=path, tensor=name,
+                                  expected="a file name inside the artifact folder", found=repr(rel))
+        checked.add(rel)
+    return wmap
+
+
+def _locate(path: str) -> tuple[str, list[str], str | None]:
+    """Resolve ``path`` to ``(root, sorted files relative to root, index file or None)``."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, INDEX_NAME)):
+            return path, [], INDEX_NAME
+        files = sorted(e.name for e in os.scandir(path) if e.name.endswith(".safetensors") and e.is_file())
+        if not files:
+            raise CheckpointError("no safetensors files", file=path,
+                                  expected=f"{INDEX_NAME} or *.safetensors files", found="neither")
+        return path, files, None
+    root, base = os.path.split(path)
+    if os.path.isfile(path) and base.endswith(".index.json"):
+        return root, [], base
+    if os.path.isfile(path) and base.endswith(".safetensors"):
+        return root, [base], None
+    found = "a file of another kind" if os.path.exists(path) else "no such file or directory"
+    raise CheckpointError("not a checkpoint", file=path,
+                          expected="a .safetensors file, an index .json or a folder of them", found=found)
+
+
+def _sizes(root: str, files: list[str], index_file: str | None) -> dict[str, int]:
+    """Stat every file; with an index, a missing one is a missing shard."""
+    sizes: dict[str, int] = {}
+    for rel in files:
+        try:
+            sizes[rel] = os.stat(os.path.join(root, rel)).st_size
+        except FileNotFoundError:
+            where = f"listed in {index_file}" if index_file else "found by listing the folder"
+            raise CheckpointError("missing shard", file=os.path.join(root, rel),
+                                  expected=f"a shard file ({where})", found="no such file") from None
+    return sizes
+
+
+def _merge(root: str, per_file: dict[str, list[TensorInfo]]) -> dict[str, TensorInfo]:
+    """Join the files' tensors; a name in two files is an error naming both."""
+    tensors: dict[str, TensorInfo] = {}
+    for rel, infos in per_file.items():
+        for info in infos:
+            other = tensors.get(info.name)
+            if other is not None:
+                raise CheckpointError("duplicate tensor", file=os.path.join(root, rel), tensor=info.name,
+                                      expected="one file", found=f"{other.file} and {rel}")
+            tensors[info.name] = info
+    return tensors
+
+
+def _check_index(root: str, index_file: str, wmap: dict[str, str], per_file: dict[str, list[TensorInfo]],
+                 tensors: dict[str, TensorInfo]) -> None:
+    """Every header tensor must be in the index, and every indexed tensor in the file the index names."""
+    listed: dict[str, list[str]] = {}
+    for name, rel in wmap.items():
+        listed.setdefault(rel, []).append(name)
+    for rel, infos in per_file.items():
+        path = os.path.join(root, rel)
+        for info in infos:
+            if info.name not in wmap:
+                raise CheckpointError("tensor not in index", file=path, tensor=info.name,
+                                      expected=f"it listed in {index_file}", found="no entry")
+        for name in sorted(listed.get(rel, ())):
+            where = tensors.get(name)
+            if where is None:
+                raise CheckpointError("tensor listed in index but missing from shard header", file=path,
+                                      tensor=name, expected=f"it in {rel} ({index_file})", found="no such tensor")
+            if where.file != rel:
+                raise CheckpointError("tensor in another shard than the index says",
+                                      file=os.path.join(root, where.file), tensor=name,
+                                      expected=f"it in {rel} ({index_file})", found=f"it in {where.file}")
+
+
+def scan_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Scan a ``.safetensors`` file, an index, or a folder (index if present, else every ``*.safetensors``).
+
+    Reads only headers (never tensor data) and raises ``CheckpointError`` at the first inconsistency.
+    """
+    root, files, index_file = _locate(os.path.abspath(os.fspath(path)))
+    wmap = None
+    if index_file is not None:
+        wmap = _read_index(os.path.join(root, index_file))
+        files = sorted(set(wmap.values()))
+    sizes = _sizes(root, files, index_file)
+    per_file: dict[str, list[TensorInfo]] = {}
+    metadata: dict[str, dict[str, str]] = {}
+    for rel in files:
+        per_file[rel], metadata[rel] = parse_header(os.path.join(root, rel), rel, sizes[rel])
+    tensors = _merge(root, per_file)
+    if wmap is not None:
+        assert index_file is not None
+        _check_index(root, index_file, wmap, per_file, tensors)
+    return Checkpoint(root=root, tensors=tensors, files=sizes, index_file=index_file, metadata=metadata)
