@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import subprocess
@@ -35,10 +36,7 @@ CODES = {
 def make_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     """Random bit patterns of ``dtype`` (NaNs included), so equality is checked on raw bytes."""
     g = torch.Generator().manual_seed(seed)
-    n = 1
-    for d in shape:
-        n *= d
-    raw = torch.randint(0, 256, (n * DTYPE_SIZES[CODES[dtype]],), dtype=torch.uint8, generator=g)
+    raw = torch.randint(0, 256, (math.prod(shape) * DTYPE_SIZES[CODES[dtype]],), dtype=torch.uint8, generator=g)
     return raw.view(dtype).reshape(shape)
 
 
@@ -123,6 +121,7 @@ def test_single_file_scan_records_dtype_shape_file_and_offsets(tmp_path: Path) -
     assert (ckpt.root, ckpt.index_file, ckpt.files) == (str(tmp_path), None, {"one.safetensors": size})
     assert ckpt.metadata == {"one.safetensors": {"format": "pt"}}
     assert (len(ckpt), "x" in ckpt, "y" in ckpt, ckpt.total_bytes) == (2, True, False, 16)
+    assert Checkpoint(root=str(tmp_path), tensors={}, files={}).total_bytes == 0
 
 
 def test_sharded_dir_with_index_scans_every_listed_shard(tmp_path: Path) -> None:
@@ -274,39 +273,26 @@ def test_unknown_dtype_error_names_file_and_tensor(tmp_path: Path) -> None:
         scan_checkpoint(path)
 
 
-def test_offsets_inconsistent_with_shape_error_names_file_and_tensor(tmp_path: Path) -> None:
-    path = write_raw(tmp_path / "bad.safetensors", {"x": entry("BF16", [2, 3], [0, 10])}, b"\0" * 10)
-    with pytest.raises(CheckpointError, match=msg(
-            path, "x", "data_offsets [0, 10] disagree with BF16 shape [2, 3]: expected 12 bytes, found 10 bytes")):
-        scan_checkpoint(path)
+BAD_ENTRIES = {   # case -> (header, data bytes, tensor named, message after "{file}: {tensor}: ")
+    "offsets_disagree_with_shape": ({"x": entry("BF16", [2, 3], [0, 10])}, 10, "x",
+                                    "data_offsets [0, 10] disagree with BF16 shape [2, 3]: "
+                                    "expected 12 bytes, found 10 bytes"),
+    "offsets_end_before_start": ({"x": entry("U8", [0], [4, 2])}, 4, "x",
+                                 "data_offsets end before start: expected end >= 4, found end 2"),
+    "offsets_not_a_pair": ({"x": entry("U8", [2], [0, 1, 2])}, 2, "x",
+                           "bad data_offsets: expected a list [start, end] of non-negative ints, found [0, 1, 2]"),
+    "trailing_bytes": ({"x": entry("U8", [2], [0, 2])}, 6, "x",
+                       "trailing bytes after the last tensor: expected data region of 2 bytes, found 6 bytes"),
+    "overlapping_tensors": ({"x": entry("U8", [4], [0, 4]), "y": entry("U8", [2], [2, 4])}, 4, "y",
+                            "tensor overlaps x: expected data_offsets start 4, found start 2"),
+}
 
 
-def test_offsets_end_before_start_error_names_file_and_tensor(tmp_path: Path) -> None:
-    path = write_raw(tmp_path / "bad.safetensors", {"x": entry("U8", [0], [4, 2])}, b"\0" * 4)
-    with pytest.raises(CheckpointError, match=msg(
-            path, "x", "data_offsets end before start: expected end >= 4, found end 2")):
-        scan_checkpoint(path)
-
-
-def test_offsets_that_are_not_a_pair_error_names_file_and_tensor(tmp_path: Path) -> None:
-    path = write_raw(tmp_path / "bad.safetensors", {"x": entry("U8", [2], [0, 1, 2])}, b"\0" * 2)
-    with pytest.raises(CheckpointError, match=msg(
-            path, "x", "bad data_offsets: expected a list [start, end] of non-negative ints, found [0, 1, 2]")):
-        scan_checkpoint(path)
-
-
-def test_trailing_bytes_after_last_tensor_error_names_file(tmp_path: Path) -> None:
-    path = write_raw(tmp_path / "bad.safetensors", {"x": entry("U8", [2], [0, 2])}, b"\0" * 6)
-    with pytest.raises(CheckpointError, match=msg(
-            path, "x", "trailing bytes after the last tensor: expected data region of 2 bytes, found 6 bytes")):
-        scan_checkpoint(path)
-
-
-def test_overlapping_tensors_error_names_both(tmp_path: Path) -> None:
-    header = {"x": entry("U8", [4], [0, 4]), "y": entry("U8", [2], [2, 4])}
-    path = write_raw(tmp_path / "bad.safetensors", header, b"\0" * 4)
-    with pytest.raises(CheckpointError, match=msg(
-            path, "y", "tensor overlaps x: expected data_offsets start 4, found start 2")):
+@pytest.mark.parametrize("case", list(BAD_ENTRIES))
+def test_inconsistent_offsets_error_names_file_and_tensor(tmp_path: Path, case: str) -> None:
+    header, nbytes, tensor, text = BAD_ENTRIES[case]
+    path = write_raw(tmp_path / "bad.safetensors", header, b"\0" * nbytes)
+    with pytest.raises(CheckpointError, match=msg(path, tensor, text)):
         scan_checkpoint(path)
 
 
@@ -407,7 +393,3 @@ def test_flash_scan_does_not_import_torch(flash: Path) -> None:
             "c = scan_checkpoint(sys.argv[1]); assert 'torch' not in sys.modules, 'torch imported'; print(len(c))")
     out = subprocess.run([sys.executable, "-c", code, str(flash)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(FLASH_TENSORS)
-
-
-def test_checkpoint_is_importable_without_scanning() -> None:
-    assert Checkpoint(root="/", tensors={}, files={}).total_bytes == 0
