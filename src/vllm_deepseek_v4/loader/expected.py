@@ -1,0 +1,112 @@
+"""The canonical parameter space a config implies: every module and tensor, with its logical shape.
+
+Linear modules are named by module path (``layers.0.attn.wq_a``) and filled by the roles of whatever quant
+scheme is on disk; plain tensors (norms, hc mixers, sinks, biases, tables) are named in full. Shapes follow
+``docs/dsv4-architecture.md`` (sections 4-10) and the published Flash inventory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import DSV4Config
+
+__all__ = ["ParamSpec", "expected_params", "GROUP_OF", "LINEAR", "FLOAT", "INDEX"]
+
+LINEAR, FLOAT, INDEX = "linear", "float", "index"
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    """One expected parameter: canonical name, logical shape, kind, quant group and part (main / mtp.K)."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    group: str
+    part: str
+
+
+# Quant groups of linear modules, keyed by the module path below the block prefix (issue 2, item 4).
+GROUP_OF = {
+    "attn.wq_a": "attn", "attn.wq_b": "attn", "attn.wkv": "attn", "attn.wo_a": "attn", "attn.wo_b": "attn",
+    "attn.compressor.wkv": "compressor", "attn.compressor.wgate": "compressor",
+    "attn.indexer.compressor.wkv": "compressor", "attn.indexer.compressor.wgate": "compressor",
+    "attn.indexer.wq_b": "indexer",
+    # scoring projections: unquantized in every known artifact, reported apart so `indexer` stays meaningful
+    "attn.indexer.weights_proj": "router", "ffn.gate": "router",
+    "ffn.shared_experts.w1": "shared_experts", "ffn.shared_experts.w2": "shared_experts",
+    "ffn.shared_experts.w3": "shared_experts",
+    "e_proj": "e_proj", "h_proj": "h_proj",
+}
+
+
+def _block(p: str, cfg: DSV4Config, layer: int, part: str) -> list[ParamSpec]:
+    D, H, d, q = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.q_lora_rank
+    G, N, r = cfg.o_groups, cfg.hc_mult, cfg.ratio(layer)
+    I, E, Ish = cfg.moe_inter_dim, cfg.n_routed_experts, cfg.moe_inter_dim * cfg.n_shared_experts
+    out: list[ParamSpec] = []
+
+    def lin(name: str, o: int, i: int, group: str | None = None) -> None:
+        out.append(ParamSpec(p + name, (o, i), LINEAR, group or GROUP_OF[name], part))
+
+    def flt(name: str, *shape: int) -> None:
+        out.append(ParamSpec(p + name, tuple(shape), FLOAT, "other", part))
+
+    flt("attn.attn_sink", H)
+    lin("attn.wq_a", q, D); flt("attn.q_norm.weight", q)
+    lin("attn.wq_b", H * d, q)
+    lin("attn.wkv", d, D); flt("attn.kv_norm.weight", d)
+    lin("attn.wo_a", G * cfg.o_lora_rank, H * d // G)
+    lin("attn.wo_b", D, G * cfg.o_lora_rank)
+    if r > 0:
+        c = 2 if r == 4 else 1                      # overlap mode for ratio 4 (arch doc section 6)
+        flt("attn.compressor.ape", r, c * d)
+        lin("attn.compressor.wkv", c * d, D); lin("attn.compressor.wgate", c * d, D)
+        flt("attn.compressor.norm.weight", d)
+    if r == 4:                                      # CSA layers carry the indexer (arch doc section 7)
+        IH, ID = cfg.index_n_heads, cfg.index_head_dim
+        lin("attn.indexer.wq_b", IH * ID, q)
+        lin("attn.indexer.weights_proj", IH, D)
+        flt("attn.indexer.compressor.ape", 4, 2 * ID)
+        lin("attn.indexer.compressor.wkv", 2 * ID, D); lin("attn.indexer.compressor.wgate", 2 * ID, D)
+        flt("attn.indexer.compressor.norm.weight", ID)
+    flt("attn_norm.weight", D); flt("ffn_norm.weight", D)
+    for site in ("attn", "ffn"):
+        flt(f"hc_{site}_fn", (2 + N) * N, N * D); flt(f"hc_{site}_base", (2 + N) * N); flt(f"hc_{site}_scale", 3)
+    lin("ffn.gate", E, D)
+    if cfg.is_hash_layer(layer):
+        out.append(ParamSpec(p + "ffn.gate.tid2eid", (cfg.vocab_size, cfg.n_activated_experts), INDEX, "other", part))
+    else:
+        flt("ffn.gate.bias", E)
+    for e in range(E):
+        lin(f"ffn.experts.{e}.w1", I, D, "experts"); lin(f"ffn.experts.{e}.w3", I, D, "experts")
+        lin(f"ffn.experts.{e}.w2", D, I, "experts")
+    lin("ffn.shared_experts.w1", Ish, D); lin("ffn.shared_experts.w3", Ish, D); lin("ffn.shared_experts.w2", D, Ish)
+    return out
+
+
+def _hc_head(p: str, cfg: DSV4Config, part: str) -> list[ParamSpec]:
+    N, D = cfg.hc_mult, cfg.dim
+    return [ParamSpec(p + "hc_head_fn", (N, N * D), FLOAT, "other", part),
+            ParamSpec(p + "hc_head_base", (N,), FLOAT, "other", part),
+            ParamSpec(p + "hc_head_scale", (1,), FLOAT, "other", part)]
+
+
+def expected_params(cfg: DSV4Config, *, include_mtp: bool = True) -> list[ParamSpec]:
+    """Every parameter of the main model (and of each MTP layer unless ``include_mtp`` is false)."""
+    V, D = cfg.vocab_size, cfg.dim
+    out = [ParamSpec("embed.weight", (V, D), FLOAT, "embed", "main"),
+           ParamSpec("head", (V, D), LINEAR, "head", "main"),
+           ParamSpec("norm.weight", (D,), FLOAT, "other", "main")]
+    out += _hc_head("", cfg, "main")
+    for i in range(cfg.n_layers):
+        out += _block(f"layers.{i}.", cfg, i, "main")
+    if include_mtp:
+        for k in range(cfg.n_mtp_layers):
+            p, part = f"mtp.{k}.", f"mtp.{k}"
+            out += _block(p, cfg, cfg.n_layers + k, part)
+            out += [ParamSpec(p + "e_proj", (D, D), LINEAR, "e_proj", part),
+                    ParamSpec(p + "h_proj", (D, D), LINEAR, "h_proj", part)]
+            out += [ParamSpec(p + n, (D,), FLOAT, "other", part) for n in ("enorm.weight", "hnorm.weight", "norm.weight")]
+            out += _hc_head(p, cfg, part)
+    return out

@@ -1,0 +1,68 @@
+"""Compile the per-convention tables into one flat, checked tuple of :class:`Rule`."""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+from .rule import CONVENTIONS, Rule, template_regex
+from .rules import hf, nemo, upstream, vllm
+
+__all__ = ["RULES", "PREFIX_ALIASES", "compile_rules"]
+
+# Whole-prefix spellings normalised before matching (checkpoint-formats.md section 3).
+PREFIX_ALIASES = (("model.language_model.", "model.", "VL wrapper prefix of the text model"),)
+
+_DIGIT_SEGMENT = re.compile(r"(?:^|\.)\d+(?:\.|$)")
+
+
+def _opts(row: tuple[Any, ...]) -> dict[str, Any]:
+    return dict(row[3]) if len(row) > 3 else {}
+
+
+def _rule(src: str, target: str | None, reason: str, convention: str, opts: dict[str, Any],
+          key: tuple[str, str], **flags: Any) -> Rule:
+    if _DIGIT_SEGMENT.search(src.replace("{", "<").replace("}", ">")):
+        raise ValueError(f"template {src!r} has a literal numeric segment: use a placeholder")
+    return Rule(pattern=re.compile(template_regex(src)), target=target, reason=reason,
+                conventions=tuple(opts.get("conventions", (convention,))), unfuse=opts.get("unfuse"),
+                shared=bool(opts.get("shared", False)), key=key, **flags)
+
+
+def _convention_rules(mod: Any) -> Iterable[Rule]:
+    conv = mod.CONVENTION
+    for row in mod.TOP:
+        yield _rule(row[0], row[1], row[2], conv, _opts(row), ("", row[0]))
+    for s_src, s_tgt, s_reason, s_opts in mod.SCOPES:
+        is_mtp_scope = bool(s_opts.get("scope_mtp"))
+        in_mtp_block = bool(s_opts.get("mtp_block"))
+        for row in mod.BLOCK:
+            yield _rule(s_src + row[0], s_tgt + row[1], f"{s_reason}: {row[2]}", conv, _opts(row),
+                        (s_src, row[0]), scope_mtp=is_mtp_scope, mtp_only=in_mtp_block)
+        if in_mtp_block:
+            continue  # MTP-specific tensors sit on the layer itself, not inside vLLM's mtp_block
+        for row in mod.MTP:
+            yield _rule(s_src + row[0], s_tgt + row[1], f"{s_reason}: {row[2]}", conv, _opts(row),
+                        (s_src, row[0]), scope_mtp=is_mtp_scope, mtp_only=not is_mtp_scope)
+
+
+def compile_rules(modules: Iterable[Any] = (upstream, hf, vllm, nemo)) -> tuple[Rule, ...]:
+    """Merge identical rules across conventions; the same pattern with two different targets is a bug."""
+    merged: dict[str, Rule] = {}
+    for mod in modules:
+        for r in _convention_rules(mod):
+            prev = merged.get(r.pattern.pattern)
+            if prev is None:
+                merged[r.pattern.pattern] = r
+                continue
+            same = (prev.target, prev.unfuse, prev.shared, prev.mtp_only, prev.scope_mtp) == \
+                   (r.target, r.unfuse, r.shared, r.mtp_only, r.scope_mtp)
+            if not same:
+                raise ValueError(f"naming tables disagree on {r.pattern.pattern}: "
+                                 f"{prev.target!r} ({prev.reason}) vs {r.target!r} ({r.reason})")
+            convs = tuple(c for c in CONVENTIONS if c in prev.conventions or c in r.conventions)
+            merged[r.pattern.pattern] = Rule(prev.pattern, prev.target, prev.reason, convs, prev.unfuse,
+                                             prev.shared, prev.mtp_only, prev.scope_mtp, prev.key)
+    return tuple(merged.values())
+
+
+RULES: tuple[Rule, ...] = compile_rules()
