@@ -25,10 +25,11 @@ _PLACEHOLDERS = {"L": r"(?P<layer>\d+)", "K": r"(?P<mtp>\d+)", "E": r"(?P<expert
 def template_regex(template: str) -> str:
     """Translate a template into an anchored regex source (dots escaped, placeholders captured)."""
     out, pos = [], 0
-    for m in re.finditer(r"\{(\w+)(?::([\w|]+))?\}", template):
+    for m in re.finditer(r"\{(\w+)(?::([\w|.]+))?\}", template):
         out.append(re.escape(template[pos:m.start()]))
         name, alts = m.group(1), m.group(2)
-        out.append(f"(?P<{name}>{alts})" if alts else _PLACEHOLDERS[name])
+        alt_rx = "|".join(re.escape(a) for a in alts.split("|")) if alts else ""
+        out.append(f"(?P<{name}>{alt_rx})" if alts else _PLACEHOLDERS[name])
         pos = m.end()
     out.append(re.escape(template[pos:]))
     return "^" + "".join(out) + "$"

@@ -41,7 +41,9 @@ def _convention_rules(mod: Any) -> Iterable[Rule]:
         if in_mtp_block:
             continue  # MTP-specific tensors sit on the layer itself, not inside vLLM's mtp_block
         for row in mod.MTP:
-            yield _rule(s_src + row[0], s_tgt + row[1], f"{s_reason}: {row[2]}", conv, _opts(row),
+            # shared tensors (embed/head copies) target the top-level name, not one inside the block
+            target = row[1] if _opts(row).get("shared") else s_tgt + row[1]
+            yield _rule(s_src + row[0], target, f"{s_reason}: {row[2]}", conv, _opts(row),
                         (s_src, row[0]), scope_mtp=is_mtp_scope, mtp_only=not is_mtp_scope)
 
 
