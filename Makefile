@@ -13,9 +13,8 @@ $(VPY):
 
 # torch first, pinned, so pip takes the local 2.13.0+cpu wheel and nothing pulls a CUDA build.
 $(STAMP): pyproject.toml Makefile | $(VPY)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,peers]"
 	@touch $(STAMP)
 
 install: $(STAMP)

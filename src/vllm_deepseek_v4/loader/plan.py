@@ -186,6 +186,7 @@ def _account(plan: LoadPlan, specs: list[ParamSpec], found: dict[str, list[Sourc
             continue
         if _check_plain(plan, spec, primary) and all(_check_plain(plan, spec, a) for a in aliases):
             plan.params[name] = ParamPlan(spec, {"tensor": primary}, None, tuple(aliases))
+    classified: dict[tuple, ModuleQuant] = {}      # same dtypes/shapes -> same scheme (34k experts, few kinds)
     for module, spec in linear.items():
         roles = by_module.get(module)
         if not roles:
@@ -200,12 +201,15 @@ def _account(plan: LoadPlan, specs: list[ParamSpec], found: dict[str, list[Sourc
             chosen[role] = primary
             aliases += extra
         else:
-            metas = {r: TensorMeta(s.tensor, s.dtype, s.shape, s.file) for r, s in chosen.items()}
-            try:
-                q = classify_module(module, metas, *spec.shape)
-            except DSV4Error as e:
-                plan.errors.append(str(e))
-                continue
+            key = (spec.shape, tuple(sorted((r, s.dtype, s.shape) for r, s in chosen.items())))
+            q = classified.get(key)
+            if q is None:
+                metas = {r: TensorMeta(s.tensor, s.dtype, s.shape, s.file) for r, s in chosen.items()}
+                try:
+                    q = classified[key] = classify_module(module, metas, *spec.shape)
+                except DSV4Error as e:
+                    plan.errors.append(str(e))
+                    continue
             for a in aliases:
                 if a.shape != chosen["weight"].shape:
                     plan.errors.append(f"{a.file}: {a.tensor}: alias of {chosen['weight'].tensor} with a "

@@ -21,7 +21,6 @@ __all__ = ["Piece", "Resolved", "Resolver", "Op"]
 Op = tuple
 
 _NUM = re.compile(r"(?<![^.])\d+(?![^.])")
-_LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +89,12 @@ class Resolver:
     # ---- helpers ----
     def _place_mtp(self, canon: str, rule: Rule) -> tuple[str, str]:
         """``layers.N.`` with N >= L is MTP block ``N - L``; MTP-only names below L are a problem."""
-        m = _LAYER.match(canon)
-        if not m:
+        if not canon.startswith("layers."):
             return canon, ""
-        n, L = int(m.group(1)), self.cfg.n_layers
+        dot = canon.index(".", 7)
+        n, L = int(canon[7:dot]), self.cfg.n_layers
         if n >= L:
-            return f"mtp.{n - L}." + canon[m.end():], ""
+            return f"mtp.{n - L}" + canon[dot:], ""
         if rule.mtp_only:
             return canon, f"only valid in an MTP layer (index >= {L}), found in layer {n}"
         return canon, ""

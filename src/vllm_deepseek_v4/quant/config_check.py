@@ -49,6 +49,8 @@ def expected_scheme_ct(group: dict[str, Any]) -> str:
 def quant_config_disagreements(plan: "LoadPlan") -> list[str]:
     qc = plan.cfg.quantization_config or {}
     method = qc.get("quant_method")
+    if method not in ("compressed-tensors", "fp8", "modelopt", "modelopt_fp4"):
+        return []
     linears = [(name, pp) for name, pp in plan.params.items() if pp.quant is not None]
     out: list[str] = []
     if method == "compressed-tensors":
