@@ -62,9 +62,9 @@ _HF_ONLY = (
      {"unfuse": Unfuse(parts=("w1", "w3"), stacked=True)}),
     ("mlp.experts.down_proj", "ffn.experts.{expert}.w2.weight", "HF fused experts down [E, D, I]",
      {"unfuse": Unfuse(stacked=True)}),
-    ("mlp.experts.{E}.gate_proj.{Q}", "ffn.experts.{expert}.w1.{role}", "llm-compressor per-expert gate"),
-    ("mlp.experts.{E}.up_proj.{Q}", "ffn.experts.{expert}.w3.{role}", "llm-compressor per-expert up"),
-    ("mlp.experts.{E}.down_proj.{Q}", "ffn.experts.{expert}.w2.{role}", "llm-compressor per-expert down"),
+    ("mlp.experts.{E}.gate_proj.{Q}", "ffn.experts.{expert}.w1.{role}", "llm-compressor per-expert gate", {"conventions": ("hf", "nemo")}),
+    ("mlp.experts.{E}.up_proj.{Q}", "ffn.experts.{expert}.w3.{role}", "llm-compressor per-expert up", {"conventions": ("hf", "nemo")}),
+    ("mlp.experts.{E}.down_proj.{Q}", "ffn.experts.{expert}.w2.{role}", "llm-compressor per-expert down", {"conventions": ("hf", "nemo")}),
 )
 
 BLOCK = _HF_ONLY + upstream.BLOCK + (
