@@ -1,0 +1,17 @@
+"""Portable DSv4 model in PyTorch (main stack + MTP), named in the upstream checkpoint's vocabulary.
+
+Top-down: ``model.py`` (schemes, state, model) -> ``block.py`` / ``mtp.py`` -> ``attention.py``,
+``compressor.py``, ``moe.py``, ``hyper.py`` -> ``primitives.py``, ``linear.py``. Compute-heavy ops go
+through ``vllm_deepseek_v4.kernels.dispatch``.
+"""
+from __future__ import annotations
+
+from .attention import AttnCache
+from .block import GROUPS
+from .compressor import CompressorState
+from .init import init_random_
+from .linear import QLinear, role_layout
+from .model import DSV4Model, ModelState, Schemes, build_model, resolve_schemes
+
+__all__ = ["DSV4Model", "ModelState", "AttnCache", "CompressorState", "Schemes", "GROUPS", "QLinear",
+           "role_layout", "build_model", "resolve_schemes", "init_random_"]

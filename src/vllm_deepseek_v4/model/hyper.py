@@ -1,0 +1,57 @@
+"""Manifold-constrained hyper-connections (mHC): N residual streams mixed around each sub-layer.
+
+Arch doc section 4 (``hc_pre``, Sinkhorn, ``hc_post``) and section 9 (``hc_head``). The state of one token
+is ``X [N, D]`` (N = ``hc_mult`` = 4); here always batched as ``X [B, S, N, D]``. All mixing runs in fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sinkhorn", "hc_pre", "hc_post", "hc_head"]
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Near doubly-stochastic ``[..., N, N]``: row softmax + eps, then alternate; always ends on columns."""
+    c = logits.softmax(dim=-1) + eps
+    c = c / (c.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(dim=-1, keepdim=True) + eps)
+        c = c / (c.sum(dim=-2, keepdim=True) + eps)
+    return c
+
+
+def _mix_logits(X: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """``fn @ v / rms(v)`` for the flattened streams ``v = concat(X_0..X_{N-1})`` -> ``[B, S, fn_rows]``."""
+    v = X.flatten(-2).float()
+    return (v @ fn.float().T) * torch.rsqrt(v.square().mean(-1, keepdim=True) + norm_eps)
+
+
+def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *, iters: int,
+           hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collapse ``X [B, S, N, D]`` into the sub-layer input; returns ``(y [B,S,D], post [B,S,N], comb [B,S,N,N])``.
+
+    ``fn [(2+N)*N, N*D]``, ``base [(2+N)*N]``, ``scale [3]`` are ``hc_{attn,ffn}_{fn,base,scale}``; rows
+    ``0..N-1`` give ``pre``, ``N..2N-1`` give ``post``, the rest the row-major ``N x N`` comb logits.
+    """
+    N = X.shape[-2]
+    m = _mix_logits(X, fn, norm_eps)
+    base, scale = base.float(), scale.float()
+    pre = torch.sigmoid(scale[0] * m[..., :N] + base[:N]) + hc_eps
+    post = 2 * torch.sigmoid(scale[1] * m[..., N:2 * N] + base[N:2 * N])
+    comb = sinkhorn((scale[2] * m[..., 2 * N:] + base[2 * N:]).reshape(*m.shape[:-1], N, N), iters, hc_eps)
+    y = (pre[..., None] * X.float()).sum(dim=-2)
+    return y.to(X.dtype), post, comb
+
+
+def hc_post(o: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """``X'_j = post_j * o + sum_i comb[i, j] * X_i`` (i.e. ``comb^T X``) -> ``[B, S, N, D]`` in ``o.dtype``."""
+    mixed = torch.einsum("bsij,bsid->bsjd", comb, X.float())
+    return (post[..., None] * o.float()[..., None, :] + mixed).to(o.dtype)
+
+
+def hc_head(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *, hc_eps: float,
+            norm_eps: float) -> torch.Tensor:
+    """Final collapse with ``hc_head_fn [N, N*D]``, ``hc_head_base [N]``, ``hc_head_scale [1]``: pre only."""
+    m = _mix_logits(X, fn, norm_eps)
+    pre = torch.sigmoid(scale.float() * m + base.float()) + hc_eps
+    return (pre[..., None] * X.float()).sum(dim=-2).to(X.dtype)
