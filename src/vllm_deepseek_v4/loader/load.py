@@ -1,0 +1,68 @@
+"""Fill the portable model from an artifact: plan, build on meta with the detected schemes, stream, check.
+
+The trunk and every MTP layer get the schemes detected for *their own* modules. Each tensor is assigned as it
+is read (peak extra memory ~ one tensor); anything still on the meta device afterwards is an error.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import MissingTensorError, QuantMismatchError
+from ..quant import OPTIONAL_ROLES, REQUIRED_ROLES
+from .plan import LoadPlan, build_plan
+from .stream import iter_plan_tensors
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model import DSV4Model
+
+__all__ = ["schemes_from_plan", "load_model"]
+
+
+def schemes_from_plan(plan: LoadPlan) -> dict[str, dict[str, str]]:
+    """``{part: {group: scheme}}`` for the model builder; a group mixing schemes is refused by name."""
+    out: dict[str, dict[str, str]] = {}
+    for part, groups in plan.quant_report().items():
+        for group, scheme in groups.items():
+            if scheme.startswith("mixed:"):
+                bad = sorted(n for n, pp in plan.params.items() if pp.spec.part == part and pp.spec.group == group)
+                raise QuantMismatchError(file=plan.path, tensor=f"{part} {group}", expected="one scheme per group",
+                                         found=scheme, hint=f"modules: {', '.join(bad[:6])}")
+            out.setdefault(part, {})[group] = scheme
+    return out
+
+
+def load_model(path: str, *, dtype: "torch.dtype | None" = None, include_mtp: bool = True,
+               progress: bool = True, plan: LoadPlan | None = None) -> tuple["DSV4Model", LoadPlan]:
+    """Return the filled model and its plan. Raises ``PlanError`` before reading anything if the plan is bad."""
+    import torch
+    from torch import nn
+
+    from ..model import build_model
+    from ..model.linear import QLinear
+
+    plan = plan or build_plan(path, include_mtp=include_mtp)
+    plan.raise_if_bad()
+    dtype = dtype or torch.bfloat16
+    model = build_model(plan.cfg, schemes=schemes_from_plan(plan), dtype=dtype, device="meta")
+    modules = dict(model.named_modules())
+    for key, t in iter_plan_tensors(plan, progress=progress):
+        owner_path, _, attr = key.rpartition(".")          # "" is the root module (hc_head_fn, ...)
+        owner = modules.get(owner_path)
+        if owner is None:
+            raise MissingTensorError(file=plan.path, tensor=key, hint="the model has no module for this planned tensor")
+        if isinstance(owner, QLinear) and attr in REQUIRED_ROLES[owner.scheme] | OPTIONAL_ROLES[owner.scheme]:
+            owner.set_role(attr, t.to(dtype) if owner.scheme == "bf16" else t)
+            continue
+        current = getattr(owner, attr)
+        new = t.to(current.dtype)
+        if isinstance(current, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(new, requires_grad=False))
+        else:
+            owner.register_buffer(attr, new)
+    left = sorted(n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta)
+    if left:
+        raise MissingTensorError(file=plan.path, tensor=left[0], hint=f"{len(left)} model tensor(s) were not filled "
+                                 f"from the artifact: {', '.join(left[:10])}")
+    return model, plan
