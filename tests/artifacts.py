@@ -38,54 +38,74 @@ def make_config(**overrides: Any) -> dict[str, Any]:
 
 
 # ---- canonical tensors per scheme ----
-def _e8m0(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    return torch.randint(118, 128, shape, generator=g, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+# On-disk suffix of each canonical role, per producer flavour (quant.numerics.quantize returns canonical roles).
+_DISK_SUFFIX: dict[tuple[str, str], dict[str, str]] = {
+    ("fp8_block", "hf"): {"scale": "weight_scale_inv"},
+    ("nvfp4", ""): {"weight": "weight_packed"},
+}
 
 
-def quant_roles(scheme: str, out_f: int, in_f: int, g: torch.Generator, *, flavor: str = "") -> dict[str, torch.Tensor]:
-    """Random tensors with the on-disk dtypes/shapes of ``scheme`` (suffix -> tensor, upstream suffixes)."""
-    if scheme == "bf16":
-        return {"weight": torch.randn(out_f, in_f, generator=g).to(torch.bfloat16)}
+def quant_roles(scheme: str, w: torch.Tensor, *, flavor: str = "") -> dict[str, torch.Tensor]:
+    """The real on-disk roles of ``scheme`` for the float weight ``w [out, in]`` (upstream suffixes).
+
+    ``flavor``: ``""`` native (fp8 e8m0 scales, DeepSeek int8 MXFP4, compressed-tensors NVFP4),
+    ``"hf"`` (fp8 ``weight_scale_inv``), ``"f32"`` (fp8 float32 scales, V4-Flash-Base), ``"modelopt"`` (NVFP4).
+    """
+    from vllm_deepseek_v4.quant.numerics import quantize
+
+    opts: dict[str, Any] = {}
     if scheme == "fp8_block":
-        s = (ceil(out_f / 128), ceil(in_f / 128))
-        scale = _e8m0(s, g) if flavor != "f32" else torch.rand(s, generator=g) + 0.5
-        return {"weight": torch.randn(out_f, in_f, generator=g).to(torch.float8_e4m3fn),
-                ("weight_scale_inv" if flavor == "hf" else "scale"): scale}
-    if scheme == "mxfp4":
-        return {"weight": torch.randint(-128, 127, (out_f, in_f // 2), generator=g, dtype=torch.int8),
-                "scale": _e8m0((out_f, in_f // 32), g)}
-    if scheme == "nvfp4":
-        packed = torch.randint(0, 255, (out_f, in_f // 2), generator=g, dtype=torch.uint8)
-        local = (torch.rand(out_f, in_f // 16, generator=g) * 4 + 0.5).to(torch.float8_e4m3fn)
-        if flavor == "modelopt":
-            return {"weight": packed, "weight_scale": local, "weight_scale_2": torch.tensor(0.01),
-                    "input_scale": torch.tensor(0.02)}
-        return {"weight_packed": packed, "weight_scale": local, "weight_global_scale": torch.tensor([100.0]),
-                "input_global_scale": torch.tensor([50.0])}
-    if scheme == "w4a16":
-        return {"weight_packed": torch.randint(-2**31, 2**31 - 1, (out_f, ceil(in_f / 8)), generator=g, dtype=torch.int32),
-                "weight_scale": (torch.rand(out_f, in_f // 32, generator=g) + 0.1).to(torch.bfloat16),
-                "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
-    raise ValueError(scheme)
+        opts["scale_dtype"] = "f32" if flavor == "f32" else "e8m0"
+    elif scheme == "nvfp4":
+        opts.update(flavor="modelopt" if flavor == "modelopt" else "compressed-tensors", with_input_scale=True)
+    parts = quantize(scheme, w, **opts)
+    producer = flavor if scheme == "fp8_block" else ("modelopt" if flavor == "modelopt" else "")
+    rename = _DISK_SUFFIX.get((scheme, producer), {})
+    return {rename.get(role, role): t for role, t in parts.items()}
+
+
+def float_tensors(cfg: dict[str, Any], *, seed: int = 0, include_mtp: bool = True) -> dict[str, torch.Tensor]:
+    """The tiny model as a BF16 release holds it (upstream names, fp32 where the official checkpoint is fp32),
+    scaled like ``model.init.init_random_`` so activations stay O(1). One random draw per tensor in a fixed
+    order, so every scheme table quantizes *the same* weights."""
+    c = DSV4Config.from_dict(cfg)
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for spec in expected_params(c, include_mtp=include_mtp):
+        if spec.kind == LINEAR:
+            out[f"{spec.name}.weight"] = (torch.randn(spec.shape, generator=g) * spec.shape[1] ** -0.5).to(torch.bfloat16)
+            continue
+        if spec.name.endswith("tid2eid"):
+            out[spec.name] = torch.randint(0, c.n_routed_experts, spec.shape, generator=g, dtype=torch.int64)
+            continue
+        leaf = spec.name.rsplit(".", 1)[-1]
+        r = torch.randn(spec.shape, generator=g)
+        if spec.name.endswith("norm.weight") or leaf.endswith("_scale"):
+            r = 1.0 + 0.1 * r
+        elif leaf.endswith("_fn"):
+            r = r * spec.shape[-1] ** -0.5
+        elif leaf.endswith("_base") or leaf in ("attn_sink", "ape", "bias"):
+            r = 0.5 * r
+        fp32 = any(k in spec.name for k in ("hc_", "attn_sink", "gate.bias", ".ape"))
+        out[spec.name] = r.to(torch.float32 if fp32 else torch.bfloat16)
+    return out
 
 
 def canonical_tensors(cfg: dict[str, Any], schemes: dict[str, dict[str, str]] | None = None, *, seed: int = 0,
                       flavor: str = "", include_mtp: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of the tiny model in upstream names; ``schemes[part][group]`` picks each group's format."""
+    """Every tensor of the tiny model in upstream names; ``schemes[part][group]`` picks each group's format.
+
+    Quantized groups hold the real quantization (``quant.numerics.quantize``) of the BF16 weights of
+    :func:`float_tensors` with the same ``seed``, so every scheme table writes the same model."""
     c = DSV4Config.from_dict(cfg)
-    g = torch.Generator().manual_seed(seed)
     schemes = schemes or {}
-    out: dict[str, torch.Tensor] = {}
+    out = float_tensors(cfg, seed=seed, include_mtp=include_mtp)
     for spec in expected_params(c, include_mtp=include_mtp):
-        if spec.kind == LINEAR:
-            scheme = schemes.get(spec.part, {}).get(spec.group, "bf16")
-            for sfx, t in quant_roles(scheme, *spec.shape, g, flavor=flavor).items():
+        scheme = schemes.get(spec.part, {}).get(spec.group, "bf16") if spec.kind == LINEAR else "bf16"
+        if scheme != "bf16":
+            w = out.pop(f"{spec.name}.weight")
+            for sfx, t in quant_roles(scheme, w, flavor=flavor).items():
                 out[f"{spec.name}.{sfx}"] = t
-        elif spec.name.endswith("tid2eid"):
-            out[spec.name] = torch.randint(0, c.n_routed_experts, spec.shape, generator=g, dtype=torch.int64)
-        else:
-            fp32 = any(k in spec.name for k in ("hc_", "attn_sink", "gate.bias", ".ape"))
-            out[spec.name] = torch.randn(spec.shape, generator=g).to(torch.float32 if fp32 else torch.bfloat16)
     return out
 
 
