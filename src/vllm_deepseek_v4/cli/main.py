@@ -9,22 +9,15 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import inspect_cmd, verify_cmd
+from . import compare_cmd, inspect_cmd, verify_cmd
 
-_COMMANDS = {"inspect": inspect_cmd, "verify": verify_cmd}
+_COMMANDS = {"inspect": inspect_cmd, "verify": verify_cmd, "compare": compare_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 artifact tools (MTP-aware).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in _COMMANDS.values():
-        mod.add_parser(sub)
-    for name, target in (("compare", "compare_cmd"),):
-        try:
-            mod = __import__(f"{__package__}.{target}", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        _COMMANDS[name] = mod
         mod.add_parser(sub)
     return parser
 

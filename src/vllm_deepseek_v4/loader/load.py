@@ -45,7 +45,10 @@ def load_model(path: str, *, dtype: "torch.dtype | None" = None, include_mtp: bo
     plan = plan or build_plan(path, include_mtp=include_mtp)
     plan.raise_if_bad()
     dtype = dtype or torch.bfloat16
-    model = build_model(plan.cfg, schemes=schemes_from_plan(plan), dtype=dtype, device="meta")
+    cfg = plan.cfg
+    if not plan.include_mtp:                  # a main-only plan fills no MTP block: build none
+        cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[:cfg.n_layers])
+    model = build_model(cfg, schemes=schemes_from_plan(plan), dtype=dtype, device="meta")
     modules = dict(model.named_modules())
     for key, t in iter_plan_tensors(plan, progress=progress):
         owner_path, _, attr = key.rpartition(".")          # "" is the root module (hc_head_fn, ...)
