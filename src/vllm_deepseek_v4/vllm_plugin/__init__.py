@@ -1,0 +1,28 @@
+"""vLLM plugin: DSv4 target + MTP draft on our portable modules (the only package that imports vLLM).
+
+``register`` is the ``vllm.general_plugins`` entry point. vLLM calls it once in every process (API server,
+engine core, workers), so it only records lazy ``"module:Class"`` strings: nothing heavy is imported here.
+Registering an existing architecture name overwrites vLLM's own class (whose CPU path needs AMX-only ops and
+whose CPU MTP raises ``NotImplementedError``).
+"""
+from __future__ import annotations
+
+__all__ = ["register", "TARGET_ARCH", "DRAFT_ARCH"]
+
+TARGET_ARCH = "DeepseekV4ForCausalLM"
+DRAFT_ARCH = "DeepSeekV4MTPModel"     # what vLLM's SpeculativeConfig names the method=mtp draft of deepseek_v4
+_CLASSES = {TARGET_ARCH: "vllm_deepseek_v4.vllm_plugin.model:DSV4ForCausalLM",
+            DRAFT_ARCH: "vllm_deepseek_v4.vllm_plugin.mtp:DSV4MTPDraft"}
+_registered = False
+
+
+def register() -> None:
+    """Point vLLM's registry at our classes (idempotent; one cheap call per process)."""
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    for arch, target in _CLASSES.items():
+        ModelRegistry.register_model(arch, target)
+    _registered = True
