@@ -13,6 +13,7 @@ undone on the output before the grouped low-rank output projection (``wo_a`` per
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -23,7 +24,16 @@ from .compressor import CSA_RATIO, Compressor, CompressorState, Indexer
 from .linear import QLinear
 from .primitives import RMSNorm, apply_rope, rms_unweighted, rope_inv_freq
 
-__all__ = ["AttnCache", "Attention"]
+__all__ = ["AttnCache", "ExternalKV", "Attention"]
+
+
+@runtime_checkable
+class ExternalKV(Protocol):
+    """A per-layer cache owned outside the model (e.g. vLLM's paged KV blocks). It receives the attention
+    module and its normed input and returns the output, composing ``project`` / ``attend`` and the
+    compressor / indexer pieces itself, so the math stays this module's."""
+
+    def attend(self, attn: Attention, x: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -58,32 +68,50 @@ class Attention(nn.Module):
         if self.ratio == CSA_RATIO:
             self.indexer = Indexer(cfg, schemes, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, start: int, cache: AttnCache) -> torch.Tensor:
-        """``x [B, S, D]`` (normed sub-layer input) at positions ``start..start+S-1`` -> ``[B, S, D]``."""
-        cfg = self.cfg
-        B, S, _ = x.shape
-        H, d, G = cfg.n_heads, cfg.head_dim, cfg.o_groups
-        pos = torch.arange(start, start + S, device=x.device)
-        inv_freq = rope_inv_freq(cfg, self.ratio, x.device)
+    def forward(self, x: torch.Tensor, start: int, cache: AttnCache | ExternalKV) -> torch.Tensor:
+        """``x [B, S, D]`` (normed sub-layer input) at positions ``start..start+S-1`` -> ``[B, S, D]``.
 
-        qr = self.q_norm(dispatch.linear(x, self.wq_a))                            # [B, S, q_lora]
-        q = rms_unweighted(dispatch.linear(qr, self.wq_b).view(B, S, H, d), cfg.norm_eps)
-        q = apply_rope(q, pos, inv_freq)
-        kv = apply_rope(self.kv_norm(dispatch.linear(x, self.wkv)), pos, inv_freq)  # [B, S, d]
-
+        ``cache`` is this module's in-memory :class:`AttnCache`, or an :class:`ExternalKV` that owns the keys
+        elsewhere (the vLLM plugin's paged caches); the latter gets the whole call and uses the pieces below.
+        """
+        if not isinstance(cache, AttnCache):
+            return cache.attend(self, x)
+        pos = torch.arange(start, start + x.shape[1], device=x.device)
+        q, qr, kv = self.project(x, pos)
         keys, mask = self._window(kv, start, cache)
         if self.ratio > 0:
             entries = self.compressor(x, start, cache.compressor)                 # [B, n, d]
-            n = entries.shape[1]
-            visible = torch.arange(n, device=x.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
-            picked = visible[None]                                                 # HCA: all completed
+            picked = self.entry_visibility(pos, entries.shape[1])[None]            # HCA: all completed
             if self.ratio == CSA_RATIO:                                            # CSA: indexer's top-k
                 picked = picked & self.indexer(x, qr, start, cache.indexer)
             keys = torch.cat((keys, entries), dim=1)
             mask = torch.cat((mask.expand(picked.shape[0], -1, -1), picked), dim=-1)
+        return self.attend(q, keys, mask, pos)
 
+    def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, S, D]`` at positions ``pos [S]`` -> roped queries ``[B, S, H, d]``, the low-rank query
+        ``qr [B, S, q_lora]`` (the indexer's input) and the roped K=V latents ``[B, S, d]``."""
+        cfg = self.cfg
+        B, S, _ = x.shape
+        inv_freq = rope_inv_freq(cfg, self.ratio, x.device)
+        qr = self.q_norm(dispatch.linear(x, self.wq_a))                            # [B, S, q_lora]
+        q = rms_unweighted(dispatch.linear(qr, self.wq_b).view(B, S, cfg.n_heads, cfg.head_dim), cfg.norm_eps)
+        q = apply_rope(q, pos, inv_freq)
+        kv = apply_rope(self.kv_norm(dispatch.linear(x, self.wkv)), pos, inv_freq)  # [B, S, d]
+        return q, qr, kv
+
+    def entry_visibility(self, pos: torch.Tensor, n: int) -> torch.Tensor:
+        """``[S, n]``: compressed entry ``i`` is visible to the query at ``p`` once its window is complete."""
+        return torch.arange(n, device=pos.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Sink attention of ``q [B, S, H, d]`` over ``keys [B, N, d]`` (``mask [B|1, S, N]``), RoPE undone on
+        the output, then the grouped low-rank output projection -> ``[B, S, D]``."""
+        cfg = self.cfg
+        B, S = q.shape[:2]
+        H, d, G = cfg.n_heads, cfg.head_dim, cfg.o_groups
         o = dispatch.sink_attention(q, keys, mask, self.attn_sink, d ** -0.5)     # [B, S, H, d]
-        o = apply_rope(o, pos, inv_freq, inverse=True)
+        o = apply_rope(o, pos, rope_inv_freq(cfg, self.ratio, q.device), inverse=True)
         z = dispatch.grouped_linear(o.reshape(B, S, G, H * d // G), self.wo_a, G)  # [B, S, G, o_lora]
         return dispatch.linear(z.flatten(-2), self.wo_b)
 

@@ -60,31 +60,45 @@ class Compressor(nn.Module):
         self.wgate = QLinear(cfg.dim, width, scheme, dtype=dtype)
         self.norm = RMSNorm(head_dim, cfg.norm_eps, dtype=dtype)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, S, D]`` -> the fp32 rows ``(kv, gate)`` ``[B, S, c*hd]`` of those positions."""
+        return dispatch.linear(x.float(), self.wkv), dispatch.linear(x.float(), self.wgate)
+
+    def pool(self, rows_kv: torch.Tensor, rows_gate: torch.Tensor, w0: int, first: int,
+             dtype: torch.dtype) -> torch.Tensor:
+        """Entries ``first..w0+n-1`` ``[B, new, hd]`` (``dtype``, normed, roped) from the rows of the complete
+        windows ``w0..w0+n-1`` (``[B, n*r, c*hd]`` fp32). In overlap mode window ``w`` also needs the A halves
+        of window ``w-1``, so ``first > w0`` unless ``w0 == 0`` (window -1 contributes nothing)."""
+        r, hd = self.ratio, self.head_dim
+        B, n = rows_kv.shape[0], rows_kv.shape[1] // r
+        kv = rows_kv.view(B, n, r, -1)                                      # [B, n, r, c*hd]
+        score = rows_gate.view(B, n, r, -1) + self.ape
+        if self.overlap:                               # slots: A halves of window w-1, then B halves of w
+            empty_kv = kv.new_zeros(B, 1, r, hd)
+            empty_score = score.new_full((B, 1, r, hd), float("-inf"))
+            prev_kv = torch.cat((empty_kv, kv[:, :-1, :, :hd]), dim=1)
+            prev_score = torch.cat((empty_score, score[:, :-1, :, :hd]), dim=1)
+            kv = torch.cat((prev_kv, kv[..., hd:]), dim=2)                  # [B, n, 2r, hd]
+            score = torch.cat((prev_score, score[..., hd:]), dim=2)
+        kv, score = kv[:, first - w0:], score[:, first - w0:]
+        c = (score.softmax(dim=2) * kv).sum(dim=2)                          # [B, new, hd] fp32
+        c = self.norm(c.to(dtype))                                          # model dtype, then norm
+        pos = torch.arange(first, w0 + n, device=rows_kv.device) * r       # first token of each window
+        return apply_rope(c, pos, rope_inv_freq(self.cfg, r, rows_kv.device))
+
     def forward(self, x: torch.Tensor, start: int, state: CompressorState) -> torch.Tensor:
         """Feed ``x [B, S, D]`` at positions ``start..start+S-1``; returns all entries so far ``[B, n, hd]``."""
         r, hd = self.ratio, self.head_dim
         B, S, _ = x.shape
-        rows_kv = _cat(state.rows_kv, dispatch.linear(x.float(), self.wkv))     # [B, n_rows, c*hd]
-        rows_gate = _cat(state.rows_gate, dispatch.linear(x.float(), self.wgate))
+        new_kv, new_gate = self.project(x)
+        rows_kv, rows_gate = _cat(state.rows_kv, new_kv), _cat(state.rows_gate, new_gate)   # [B, n_rows, c*hd]
         end = start + S
         first = end - rows_kv.shape[1]                 # position of rows[0]; a window start by construction
         done, complete = state.n_entries, end // r
         if complete > done:
             w0 = first // r
             n = complete - w0
-            kv = rows_kv[:, :n * r].view(B, n, r, -1)                       # [B, n, r, c*hd]
-            score = rows_gate[:, :n * r].view(B, n, r, -1) + self.ape
-            if self.overlap:                           # slots: A halves of window w-1, then B halves of w
-                empty_kv = kv.new_zeros(B, 1, r, hd)
-                empty_score = score.new_full((B, 1, r, hd), float("-inf"))
-                prev_kv = torch.cat((empty_kv, kv[:, :-1, :, :hd]), dim=1)
-                prev_score = torch.cat((empty_score, score[:, :-1, :, :hd]), dim=1)
-                kv = torch.cat((prev_kv, kv[..., hd:]), dim=2)[:, done - w0:]          # [B, new, 2r, hd]
-                score = torch.cat((prev_score, score[..., hd:]), dim=2)[:, done - w0:]
-            c = (score.softmax(dim=2) * kv).sum(dim=2)                      # [B, new, hd] fp32
-            c = self.norm(c.to(x.dtype))                                      # model dtype, then norm
-            pos = torch.arange(done, complete, device=x.device) * r          # first token of each window
-            c = apply_rope(c, pos, rope_inv_freq(self.cfg, r, x.device))
+            c = self.pool(rows_kv[:, :n * r], rows_gate[:, :n * r], w0, done, x.dtype)
             state.entries = _cat(state.entries, c)
         # Keep the rows of the open window (and, in overlap mode, of the last completed one).
         keep_from = max(complete - 1, 0) * r if self.overlap else complete * r
@@ -108,10 +122,13 @@ class Indexer(nn.Module):
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, start: int, state: CompressorState) -> torch.Tensor:
         """``x [B, S, D]`` (attention input), ``qr [B, S, q_lora]`` -> selection mask ``[B, S, n_entries]``."""
-        B, S, _ = x.shape
         keys = self.compressor(x, start, state)                                # [B, n, ID]
+        return self.select(x, qr, keys, torch.arange(start, start + x.shape[1], device=x.device))
+
+    def select(self, x: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Top-k of the completed ``keys [B, n, ID]`` for the queries at ``pos [S]`` -> mask ``[B, S, n]``."""
+        B, S, _ = x.shape
         n = keys.shape[1]
-        pos = torch.arange(start, start + S, device=x.device)
         q = dispatch.linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim)
         q = apply_rope(q, pos, rope_inv_freq(self.cfg, CSA_RATIO, x.device))
         w = dispatch.linear(x, self.weights_proj).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
