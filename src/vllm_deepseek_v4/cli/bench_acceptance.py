@@ -1,0 +1,216 @@
+"""``dsv4 bench-acceptance PATH``: MTP acceptance and speed of an artifact through ``vllm serve``, plus a health check.
+
+For K in ``--k`` (and a no-spec baseline) a fresh server is started (vLLM's counters are server-wide), the
+fixed prompt set goes through ``/v1/completions`` one request at a time at each temperature, and the
+spec-decode counters on ``/metrics`` are diffed around each batch. Reported per (K, temperature): acceptance
+rate, per-position acceptance, mean acceptance length, tokens/s and speedup vs the baseline; greedy texts are
+compared with the baseline's (speculative decoding must not change greedy output).
+
+Health: a draft whose greedy acceptance is near 0 is broken, not weak. The command says so (exit 1) and lists
+the usual causes (``../shared/docs/prior-art.md`` F1-F8), after checking the artifact with our own load plan.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+BROKEN_BELOW = 0.05   # greedy acceptance under 5 %: the draft is not predicting the target at all
+
+LIKELY_CAUSES = [
+    "draft head/embed never loaded (top-level `head.weight`/`embed.weight` skipped by the MTP loader) -> random logits",
+    "draft built with the target's quant config (e.g. NVFP4/FP8 trunk, BF16 MTP on disk) -> wrong dequantisation",
+    "bare `.scale` FP8 companions not detected -> FP8 MTP weights read as BF16",
+    "`mtp.*` dropped or randomly initialised by a conversion (transformers save_pretrained drops `mtp.*`)",
+    "wrong hidden state fed to the MTP (must be the last main layer's 4-stream state before hc_head)",
+    "a DSpark-shaped `mtp.*` block half-loaded as a classic MTP layer",
+]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench-acceptance", help="MTP acceptance / speedup of an artifact through vllm serve",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="artifact directory (config.json + safetensors + tokenizer)")
+    p.add_argument("--k", default="1,2,3", help="comma-separated numbers of speculative tokens (default 1,2,3)")
+    p.add_argument("--temperatures", default="0,0.8", help="comma-separated temperatures (default 0,0.8)")
+    p.add_argument("--prompts", default=None,
+                   help="JSONL of {\"prompt\": ...} (default: the shipped held-out prompt set)")
+    p.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--no-baseline", action="store_true", help="skip the no-spec server (no speedup, no parity)")
+    p.add_argument("--serve-args", default="--dtype float32 --max-model-len 512 --enforce-eager",
+                   help="extra `vllm serve` arguments (one string)")
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--start-timeout", type=float, default=600.0)
+    p.add_argument("--log-dir", default=None, help="where server logs go (default: a temp dir)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the full report as JSON to this file")
+    p.add_argument("--skip-verify", action="store_true", help="do not run our load-plan check first")
+    p.add_argument("--server-cmd", default=None,
+                   help="launch this command instead of `vllm serve` ({model} and {port} are filled in; "
+                        "the spec config is appended); for custom launchers and tests")
+    p.set_defaults(func=run)
+
+
+# --- prompts ----------------------------------------------------------------------------------------------------
+def default_prompts_path() -> Path:
+    return Path(__file__).resolve().parents[1] / "assets" / "bench_prompts.jsonl"
+
+
+def load_prompts(path: str | os.PathLike | None, limit: int | None = None) -> list[str]:
+    path = Path(path) if path else default_prompts_path()
+    prompts = []
+    with open(path) as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "prompt" not in row:
+                raise ValueError(f"{path}:{i}: expected a JSON object with a \"prompt\" field")
+            prompts.append(str(row["prompt"]))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts[:limit] if limit else prompts
+
+
+def prompts_from_corpus(docs: Iterable[str], *, n: int, chars: int = 320) -> list[str]:
+    """Deterministic prompts cut from held-out documents: each starts at a line start, ends at a line end."""
+    out: list[str] = []
+    docs = [d for d in docs if len(d) > chars]
+    i = 0
+    while len(out) < n and docs:
+        doc = docs[i % len(docs)]
+        start = (len(out) // len(docs)) * chars * 3
+        start = doc.rfind("\n", 0, start) + 1 if start else 0
+        piece = doc[start:start + chars]
+        piece = piece[: piece.rfind("\n") + 1] or piece
+        if piece.strip():
+            out.append(piece)
+        i += 1
+        if i > 10 * n:
+            break
+    return out
+
+
+# --- one server configuration -------------------------------------------------------------------------------
+def run_config(path: str, k: int | None, prompts: list[str], temperatures: list[float], args: Any,
+               log_dir: str, bar: Any) -> dict[str, Any]:
+    from .serve_client import Server
+    extra = args.serve_args.split()
+    if k is not None:
+        extra += ["--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": k})]
+    tag = f"k{k}" if k is not None else "baseline"
+    result: dict[str, Any] = {"k": k, "by_temperature": {}}
+    cmd = args.server_cmd.split() if getattr(args, "server_cmd", None) else None
+    with Server(path, extra, log_path=os.path.join(log_dir, f"serve_{tag}.log"),
+                start_timeout_s=args.start_timeout, cmd=cmd) as server:
+        server.complete(prompts[0], max_tokens=4, temperature=0.0, timeout=args.request_timeout)   # warm-up
+        for temp in temperatures:
+            before = server.spec_counters()
+            texts, tokens, t0 = [], 0, time.perf_counter()
+            for j, prompt in enumerate(prompts):
+                resp = server.complete(prompt, max_tokens=args.max_tokens, temperature=temp,
+                                       seed=1234 + j if temp > 0 else None, timeout=args.request_timeout)
+                texts.append(resp["choices"][0]["text"])
+                tokens += int(resp["usage"]["completion_tokens"])
+                bar.update(1)
+            wall = time.perf_counter() - t0
+            spec = (server.spec_counters() - before).summary() if k is not None else None
+            result["by_temperature"][str(temp)] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                                                   "spec": spec, "texts": texts}
+    return result
+
+
+def health(report: dict[str, Any]) -> dict[str, Any]:
+    """Broken if the greedy acceptance of any K is near 0, or greedy text changed under speculation."""
+    problems = []
+    for cfg in report["configs"]:
+        if cfg["k"] is None:
+            continue
+        greedy = cfg["by_temperature"].get("0.0")
+        if greedy and greedy["spec"]:
+            rate = greedy["spec"]["acceptance_rate"]
+            if rate is None:
+                problems.append(f"k={cfg['k']}: no drafts were proposed (speculative decoding not active?)")
+            elif rate < BROKEN_BELOW:
+                problems.append(f"k={cfg['k']}: greedy acceptance {rate:.1%} is near 0 -> the draft is broken")
+        if greedy and cfg.get("greedy_matches_baseline") is False:
+            problems.append(f"k={cfg['k']}: greedy output differs from the no-spec baseline")
+    return {"healthy": not problems, "problems": problems,
+            "likely_causes": LIKELY_CAUSES if problems else []}
+
+
+def bench(path: str, args: Any) -> dict[str, Any]:
+    import tempfile
+    from tqdm import tqdm
+    ks = [int(x) for x in args.k.split(",") if x.strip()]
+    temps = [float(x) for x in args.temperatures.split(",") if x.strip()]
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="dsv4-bench-")
+    os.makedirs(log_dir, exist_ok=True)
+    plan = [None] * (not args.no_baseline) + ks
+    report: dict[str, Any] = {"path": os.path.abspath(path), "prompts": len(prompts), "max_tokens": args.max_tokens,
+                              "temperatures": temps, "serve_args": args.serve_args, "log_dir": log_dir, "configs": []}
+    with tqdm(total=len(plan) * len(temps) * len(prompts), desc="bench-acceptance", unit="req",
+              file=sys.stderr) as bar:
+        for k in plan:
+            bar.set_postfix_str("baseline" if k is None else f"k={k}")
+            report["configs"].append(run_config(path, k, prompts, temps, args, log_dir, bar))
+    base = next((c for c in report["configs"] if c["k"] is None), None)
+    for cfg in report["configs"]:
+        if cfg["k"] is None or base is None:
+            continue
+        for temp, r in cfg["by_temperature"].items():
+            r["speedup"] = r["tokens_per_s"] / base["by_temperature"][temp]["tokens_per_s"]
+        if "0.0" in cfg["by_temperature"]:
+            cfg["greedy_matches_baseline"] = cfg["by_temperature"]["0.0"]["texts"] == base["by_temperature"]["0.0"]["texts"]
+    report["health"] = health(report)
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = ["| K | temp | acceptance | per position | mean acc. len | tokens/s | speedup | greedy = baseline |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cfg in report["configs"]:
+        for temp, r in cfg["by_temperature"].items():
+            s = r["spec"] or {}
+            rate = s.get("acceptance_rate")
+            lines.append("| {} | {} | {} | {} | {} | {:.1f} | {} | {} |".format(
+                "none" if cfg["k"] is None else cfg["k"], temp,
+                "-" if rate is None else f"{rate:.1%}",
+                " / ".join(f"{p:.1%}" for p in s.get("per_position", [])) or "-",
+                "-" if s.get("mean_acceptance_length") is None else f"{s['mean_acceptance_length']:.2f}",
+                r["tokens_per_s"], f"{r['speedup']:.2f}x" if "speedup" in r else "-",
+                {True: "yes", False: "NO", None: "-"}[cfg.get("greedy_matches_baseline") if temp == "0.0" else None]))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.skip_verify:
+        from ..loader import build_plan
+        plan = build_plan(args.path)
+        problems = plan.problems()
+        if problems:
+            print(f"dsv4 bench-acceptance: {args.path} does not load cleanly; fix these first:", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+            return 1
+    report = bench(args.path, args)
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(report, fh, indent=1)
+    print(format_table(report))
+    h = report["health"]
+    if h["healthy"]:
+        print("health: OK")
+        return 0
+    print("health: BROKEN")
+    for p in h["problems"]:
+        print(f"  - {p}")
+    print("likely causes (see prior-art.md):")
+    for c in h["likely_causes"]:
+        print(f"  - {c}")
+    return 1

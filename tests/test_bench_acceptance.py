@@ -1,0 +1,129 @@
+"""dsv4 bench-acceptance: metrics parsing, acceptance formulas, health verdicts, and the server-driving loop
+against a stand-in server (the real vLLM runs are in the vLLM end-to-end tests and benchmarks/acceptance.py)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from vllm_deepseek_v4.cli import bench_acceptance as ba
+from vllm_deepseek_v4.cli.main import main
+from vllm_deepseek_v4.cli.serve_client import Server, SpecCounters, parse_prometheus
+
+FAKE = os.path.join(os.path.dirname(__file__), "fake_vllm_server.py")
+
+METRICS = """\
+# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
+# TYPE vllm:spec_decode_num_drafts_total counter
+vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 40.0
+vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 80.0
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 50.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="0"} 32.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="1"} 18.0
+vllm:num_requests_running{engine="0",model_name="m"} 0.0
+"""
+
+
+def test_parse_prometheus_and_formulas():
+    samples = parse_prometheus(METRICS)
+    assert samples[("vllm:spec_decode_num_drafts_total", (("engine", "0"), ("model_name", "m")))] == 40.0
+    c = SpecCounters.from_metrics(samples)
+    assert (c.drafts, c.draft_tokens, c.accepted, c.accepted_per_pos) == (40, 80, 50, (32, 18))
+    s = (c - SpecCounters(drafts=20, draft_tokens=40, accepted=20, accepted_per_pos=(15, 5))).summary()
+    # accepted/draft_tokens, per_pos/drafts, 1 + accepted/drafts (vLLM's own definitions)
+    assert s["acceptance_rate"] == pytest.approx(30 / 40)
+    assert s["per_position"] == pytest.approx([17 / 20, 13 / 20])
+    assert s["mean_acceptance_length"] == pytest.approx(1 + 30 / 20)
+
+
+def test_no_drafts_gives_none_not_zero():
+    s = SpecCounters().summary()
+    assert s["acceptance_rate"] is None and s["mean_acceptance_length"] is None
+
+
+def _report(rate, match=True):
+    spec = {"acceptance_rate": rate, "per_position": [rate or 0.0], "mean_acceptance_length": 1 + (rate or 0)}
+    return {"configs": [{"k": None, "by_temperature": {"0.0": {"spec": None}}},
+                        {"k": 1, "greedy_matches_baseline": match, "by_temperature": {"0.0": {"spec": spec}}}]}
+
+
+@pytest.mark.parametrize("rate,match,healthy", [(0.62, True, True), (0.01, True, False), (None, True, False),
+                                                 (0.62, False, False)])
+def test_health_verdicts(rate, match, healthy):
+    h = ba.health(_report(rate, match))
+    assert h["healthy"] is healthy
+    assert bool(h["likely_causes"]) is (not healthy)
+    if rate == 0.01:
+        assert "near 0" in h["problems"][0]
+
+
+def test_shipped_prompt_set():
+    prompts = ba.load_prompts(None)
+    assert len(prompts) >= 8 and all(len(p) > 100 for p in prompts)
+    assert len(set(prompts)) == len(prompts)
+
+
+def test_prompts_file_errors(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1: expected .*prompt"):
+        ba.load_prompts(bad)
+
+
+def test_server_stopped_by_pid(tmp_path):
+    srv = Server("m", cmd=[sys.executable, FAKE, "{port}", "{model}"], log_path=str(tmp_path / "log"),
+                 start_timeout_s=60)
+    with srv:
+        assert srv.served_model() == "m"
+        pid = srv.proc.pid
+    assert srv.proc.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_server_that_dies_reports_its_log(tmp_path):
+    srv = Server("m", cmd=[sys.executable, "-c", "import sys; print('boom: no such model'); sys.exit(3)"],
+                 log_path=str(tmp_path / "log"), start_timeout_s=60)
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 3.*boom: no such model"):
+        srv.start()
+
+
+def _run_cli(tmp_path, accept, extra=()):
+    out = tmp_path / "report.json"
+    env_before = os.environ.get("FAKE_ACCEPT")
+    os.environ["FAKE_ACCEPT"] = accept
+    try:
+        rc = main(["bench-acceptance", "fake-model", "--skip-verify", "--k", "1,2", "--num-prompts", "3",
+                   "--max-tokens", "20", "--server-cmd", f"{sys.executable} {FAKE} {{port}} {{model}}",
+                   "--log-dir", str(tmp_path), "--json", str(out), *extra])
+    finally:
+        if env_before is None:
+            os.environ.pop("FAKE_ACCEPT")
+        else:
+            os.environ["FAKE_ACCEPT"] = env_before
+    return rc, json.loads(out.read_text())
+
+
+def test_bench_healthy_draft(tmp_path, capsys):
+    rc, report = _run_cli(tmp_path, "0.7,0.4")
+    assert rc == 0, capsys.readouterr()
+    assert [c["k"] for c in report["configs"]] == [None, 1, 2]
+    k1 = report["configs"][1]["by_temperature"]["0.0"]
+    k2 = report["configs"][2]["by_temperature"]["0.0"]
+    # the stand-in accepts position i at a long-run rate p_i (low-discrepancy sequence, ~35 drafts here)
+    assert k1["spec"]["per_position"][0] == pytest.approx(0.7, abs=0.08)
+    assert k2["spec"]["per_position"] == pytest.approx([0.7, 0.4], abs=0.08)
+    assert k1["spec"]["mean_acceptance_length"] == pytest.approx(1 + k1["spec"]["accepted"] / k1["spec"]["drafts"])
+    assert report["configs"][1]["greedy_matches_baseline"] is True
+    assert "speedup" in k1 and report["health"]["healthy"]
+    assert "health: OK" in capsys.readouterr().out
+
+
+def test_bench_flags_zero_acceptance_as_broken(tmp_path, capsys):
+    rc, report = _run_cli(tmp_path, "0.0,0.0", ["--temperatures", "0"])
+    assert rc == 1
+    out = capsys.readouterr().out
+    assert "health: BROKEN" in out and "near 0" in out and "head/embed" in out
+    assert report["health"]["likely_causes"]
