@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from operator import itemgetter
 from typing import Final
 
 from vllm_deepseek_v4.checkpoint.format import Checkpoint, TensorInfo, parse_header
@@ -16,6 +17,7 @@ __all__ = ["INDEX_NAME", "scan_checkpoint"]
 
 # transformers' SAFE_WEIGHTS_INDEX_NAME: {"metadata": {...}, "weight_map": {tensor: shard file}}.
 INDEX_NAME: Final[str] = "model.safetensors.index.json"
+_NAME = itemgetter(0)                           # TensorInfo.name
 
 
 def _read_index(path: str) -> dict[str, str]:
@@ -34,6 +36,13 @@ def _read_index(path: str) -> dict[str, str]:
     if not isinstance(wmap, dict) or not wmap:
         raise CheckpointError("bad weight_map", file=path, expected="a non-empty object {tensor: file}",
                               found=repr(wmap)[:80])
+    try:
+        rels = set(wmap.values())               # a few shard names; each checked once
+    except TypeError:                           # an unhashable value: the loop below names its tensor
+        rels = None
+    if rels is not None and all(isinstance(r, str) and not os.path.isabs(r) and
+                                not os.path.normpath(r).startswith("..") for r in rels):
+        return wmap
     checked: set[str] = set()
     for name, rel in wmap.items():
         if rel in checked:
@@ -81,6 +90,11 @@ def _sizes(root: str, files: list[str], index_file: str | None) -> dict[str, int
 def _merge(root: str, per_file: dict[str, list[TensorInfo]]) -> dict[str, TensorInfo]:
     """Join the files' tensors; a name in two files is an error naming both."""
     tensors: dict[str, TensorInfo] = {}
+    for infos in per_file.values():
+        tensors.update(zip(map(_NAME, infos), infos))
+    if len(tensors) == sum(map(len, per_file.values())):
+        return tensors
+    tensors = {}                                # some name twice: find the first, in file order
     for rel, infos in per_file.items():
         for info in infos:
             other = tensors.get(info.name)
@@ -94,6 +108,10 @@ def _merge(root: str, per_file: dict[str, list[TensorInfo]]) -> dict[str, Tensor
 def _check_index(root: str, index_file: str, wmap: dict[str, str], per_file: dict[str, list[TensorInfo]],
                  tensors: dict[str, TensorInfo]) -> None:
     """Every header tensor must be in the index, and every indexed tensor in the file the index names."""
+    # As many names as the index lists, each listed under its own file: then the two agree exactly.
+    if len(wmap) == len(tensors) and all(set(map(wmap.get, map(_NAME, infos))) <= {rel}
+                                         for rel, infos in per_file.items()):
+        return
     listed: dict[str, list[str]] = {}
     for name, rel in wmap.items():
         listed.setdefault(rel, []).append(name)

@@ -6,7 +6,9 @@ scheme is on disk; plain tensors (norms, hc mixers, sinks, biases, tables) are n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
+from itertools import cycle, repeat
+from typing import NamedTuple
 
 from ..config import DSV4Config
 
@@ -15,9 +17,11 @@ __all__ = ["ParamSpec", "expected_params", "GROUP_OF", "LINEAR", "FLOAT", "INDEX
 LINEAR, FLOAT, INDEX = "linear", "float", "index"
 
 
-@dataclass(frozen=True, slots=True)
-class ParamSpec:
-    """One expected parameter: canonical name, logical shape, kind, quant group and part (main / mtp.K)."""
+class ParamSpec(NamedTuple):
+    """One expected parameter: canonical name, logical shape, kind, quant group and part (main / mtp.K).
+
+    A named tuple: Flash expects 35k of them per plan, built in bulk.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -25,6 +29,8 @@ class ParamSpec:
     group: str
     part: str
 
+
+_spec = partial(tuple.__new__, ParamSpec)
 
 # Quant groups of linear modules, keyed by the module path below the block prefix (issue 2, item 4).
 GROUP_OF = {
@@ -40,7 +46,8 @@ GROUP_OF = {
 }
 
 
-def _block(p: str, cfg: DSV4Config, layer: int, part: str) -> list[ParamSpec]:
+def _block(p: str, cfg: DSV4Config, layer: int, part: str, experts: tuple[str, ...]) -> list[ParamSpec]:
+    """``experts``: ``ffn.experts.{e}.{w1,w3,w2}`` for every expert, the same for every block."""
     D, H, d, q = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.q_lora_rank
     G, N, r = cfg.o_groups, cfg.hc_mult, cfg.ratio(layer)
     I, E, Ish = cfg.moe_inter_dim, cfg.n_routed_experts, cfg.moe_inter_dim * cfg.n_shared_experts
@@ -78,9 +85,9 @@ def _block(p: str, cfg: DSV4Config, layer: int, part: str) -> list[ParamSpec]:
         out.append(ParamSpec(p + "ffn.gate.tid2eid", (cfg.vocab_size, cfg.n_activated_experts), INDEX, "other", part))
     else:
         flt("ffn.gate.bias", E)
-    for e in range(E):
-        lin(f"ffn.experts.{e}.w1", I, D, "experts"); lin(f"ffn.experts.{e}.w3", I, D, "experts")
-        lin(f"ffn.experts.{e}.w2", D, I, "experts")
+    # routed experts, w1 w3 w2 per expert: 256 x 3 per layer, so built in one C-level pass
+    names = map(p.__add__, experts)
+    out += map(_spec, zip(names, cycle(((I, D), (I, D), (D, I))), repeat(LINEAR), repeat("experts"), repeat(part)))
     lin("ffn.shared_experts.w1", Ish, D); lin("ffn.shared_experts.w3", Ish, D); lin("ffn.shared_experts.w2", D, Ish)
     return out
 
@@ -99,12 +106,13 @@ def expected_params(cfg: DSV4Config, *, include_mtp: bool = True) -> list[ParamS
            ParamSpec("head", (V, D), LINEAR, "head", "main"),
            ParamSpec("norm.weight", (D,), FLOAT, "other", "main")]
     out += _hc_head("", cfg, "main")
+    experts = tuple(f"ffn.experts.{e}.{w}" for e in range(cfg.n_routed_experts) for w in ("w1", "w3", "w2"))
     for i in range(cfg.n_layers):
-        out += _block(f"layers.{i}.", cfg, i, "main")
+        out += _block(f"layers.{i}.", cfg, i, "main", experts)
     if include_mtp:
         for k in range(cfg.n_mtp_layers):
             p, part = f"mtp.{k}.", f"mtp.{k}"
-            out += _block(p, cfg, cfg.n_layers + k, part)
+            out += _block(p, cfg, cfg.n_layers + k, part, experts)
             out += [ParamSpec(p + "e_proj", (D, D), LINEAR, "e_proj", part),
                     ParamSpec(p + "h_proj", (D, D), LINEAR, "h_proj", part)]
             out += [ParamSpec(p + n, (D,), FLOAT, "other", part) for n in ("enorm.weight", "hnorm.weight", "norm.weight")]

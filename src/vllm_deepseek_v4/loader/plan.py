@@ -6,52 +6,25 @@ copies of them inside ``mtp.K`` are aliases, checked for shape here and for valu
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 from ..checkpoint import Checkpoint, scan_checkpoint
 from ..config import DSV4Config, load_config
 from ..errors import DSV4Error, PlanError
-from ..naming import CONVENTIONS, Resolver
-from ..naming.rule import ROLE_SUFFIXES
-from ..quant.detect import FLOAT_DTYPES, ModuleQuant, TensorMeta, classify_module
-from .expected import FLOAT, INDEX, LINEAR, ParamSpec, expected_params
+from ..naming import CONVENTIONS, Resolver, resolve_names
+from .account import SHARED, Found, ParamPlan, Source, account, new_source
+from .expected import expected_params
 
 __all__ = ["Source", "ParamPlan", "LoadPlan", "build_plan"]
 
-_ROLES = frozenset(ROLE_SUFFIXES)
-_MTP = re.compile(r"^mtp\.(\d+)\.")
-SHARED = ("embed.weight", "head")   # plain tensor / linear module shared by the main model and the MTP draft
 _TRANSFORMERS_HINT = ("the artifact has no mtp.* tensors although config.json declares num_nextn_predict_layers={n}; "
                       "this happens when a checkpoint is saved through transformers (which drops mtp.*) or "
                       "llm-compressor; restore the block from the original release or pass --no-mtp")
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """One on-disk tensor (or a slice of it, after ``ops``) that fills a parameter role."""
-
-    tensor: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    ops: tuple[tuple, ...] = ()
-
-
-@dataclass
-class ParamPlan:
-    """How one expected parameter is filled: its scheme (linears) and the source of each role."""
-
-    spec: ParamSpec
-    roles: dict[str, Source]
-    quant: ModuleQuant | None = None
-    aliases: tuple[Source, ...] = ()      # extra copies of a shared tensor: compared when loading
-
-    @property
-    def scheme(self) -> str:
-        return self.quant.scheme if self.quant else ""
+_NAME, _DTYPE, _SHAPE, _FILE = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)   # TensorInfo fields
 
 
 @dataclass
@@ -125,9 +98,8 @@ def build_plan(path: str, *, cfg: DSV4Config | None = None, include_mtp: bool = 
     ck = checkpoint if checkpoint is not None else scan_checkpoint(path)
     cfg = cfg if cfg is not None else load_config(path)
     plan = LoadPlan(path=path, cfg=cfg, checkpoint=ck, include_mtp=include_mtp)
-    found, conventions = _resolve(plan)
-    specs = expected_params(cfg, include_mtp=include_mtp)
-    _account(plan, specs, found)
+    batches, loose, conventions = _resolve(plan)
+    account(plan, expected_params(cfg, include_mtp=include_mtp), batches, loose)
     _check_mtp(plan)
     plan.naming = _naming(conventions)
     from ..quant.config_check import quant_config_disagreements
@@ -136,146 +108,57 @@ def build_plan(path: str, *, cfg: DSV4Config | None = None, include_mtp: bool = 
 
 
 # ---- steps ----
-def _resolve(plan: LoadPlan) -> tuple[dict[str, list[Source]], set[str] | None]:
-    """Resolve every tensor; returns canonical name -> sources, and the conventions common to all names."""
+def _resolve(plan: LoadPlan) -> tuple[list[Found], list[tuple[int, str, Source]], set[str] | None]:
+    """Resolve every tensor: batches renamed in bulk, ``(position, canonical, source)`` for the rest, and the
+    conventions common to all names. Problems are recorded in tensor order."""
+    infos = list(plan.checkpoint.tensors.values())
     resolver = Resolver(plan.cfg)
-    found: dict[str, list[Source]] = defaultdict(list)
+    batches, rest = resolve_names(resolver, list(plan.checkpoint.tensors))
+    found: list[Found] = []
+    loose: list[tuple[int, str, Source]] = []
+    notes: list[tuple[int, list, object]] = []          # (position, plan list, entry)
     common: set[str] | None = None
-    for info in plan.checkpoint.tensors.values():
+    for b in batches:
+        convs = set(b.rule.conventions)
+        common = convs if common is None else (common & convs)
+        group = list(map(infos.__getitem__, b.index))
+        if b.canonical is None:
+            notes += [(i, plan.explained, {"name": t.name, "file": t.file, "reason": b.rule.reason})
+                      for i, t in zip(b.index, group)]
+            continue
+        sources = list(map(new_source, zip(map(_NAME, group), map(_FILE, group), map(_DTYPE, group),
+                                           map(_SHAPE, group), repeat(()))))
+        found.append(Found(b.canonical, sources, b.index))
+    for i in rest:
+        info = infos[i]
         try:
             res = resolver.resolve(info.name, info.shape)
         except DSV4Error as e:
-            plan.errors.append(f"{info.file}: {e}")
+            notes.append((i, plan.errors, f"{info.file}: {e}"))
             continue
         if res.rule is None:
-            plan.unmapped.append({"name": info.name, "file": info.file, "reason": res.problem})
+            notes.append((i, plan.unmapped, {"name": info.name, "file": info.file, "reason": res.problem}))
             continue
         convs = set(res.rule.conventions)
         common = convs if common is None else (common & convs)
         if res.rule.target is None:
-            plan.explained.append({"name": info.name, "file": info.file, "reason": res.rule.reason})
+            notes.append((i, plan.explained, {"name": info.name, "file": info.file, "reason": res.rule.reason}))
             continue
         if res.problem:
-            plan.errors.append(f"{info.file}: {info.name}: {res.problem}")
+            notes.append((i, plan.errors, f"{info.file}: {info.name}: {res.problem}"))
             continue
-        for p in res.pieces:
-            found[p.canonical].append(Source(info.name, info.file, info.dtype, p.shape, p.ops))
-    return found, common
-
-
-def _account(plan: LoadPlan, specs: list[ParamSpec], found: dict[str, list[Source]]) -> None:
-    cfg = plan.cfg
-    plain = {s.name: s for s in specs if s.kind != LINEAR}
-    linear = {s.name: s for s in specs if s.kind == LINEAR}
-    by_module: dict[str, dict[str, list[Source]]] = defaultdict(dict)
-    for canon, sources in found.items():
-        if canon in plain:
-            continue
-        module, _, role = canon.rpartition(".")
-        if role in _ROLES and module in linear:
-            by_module[module][role] = sources
-            continue
-        _unexpected(plan, canon, sources)
-    for name, spec in plain.items():
-        sources = found.get(name)
-        if not sources:
-            plan.missing.append({"param": name, "reason": _missing_reason(name)})
-            continue
-        primary, aliases = _pick_primary(plan, name, sources)
-        if primary is None:
-            continue
-        if _check_plain(plan, spec, primary) and all(_check_plain(plan, spec, a) for a in aliases):
-            plan.params[name] = ParamPlan(spec, {"tensor": primary}, None, tuple(aliases))
-    classified: dict[tuple, ModuleQuant] = {}      # same dtypes/shapes -> same scheme (34k experts, few kinds)
-    for module, spec in linear.items():
-        roles = by_module.get(module)
-        if not roles:
-            plan.missing.append({"param": f"{module}.weight", "reason": _missing_reason(module)})
-            continue
-        chosen: dict[str, Source] = {}
-        aliases: list[Source] = []
-        for role, sources in roles.items():
-            primary, extra = _pick_primary(plan, f"{module}.{role}", sources)
-            if primary is None:
-                break
-            chosen[role] = primary
-            aliases += extra
-        else:
-            key = (spec.shape, tuple(sorted((r, s.dtype, s.shape) for r, s in chosen.items())))
-            q = classified.get(key)
-            if q is None:
-                metas = {r: TensorMeta(s.tensor, s.dtype, s.shape, s.file) for r, s in chosen.items()}
-                try:
-                    q = classified[key] = classify_module(module, metas, *spec.shape)
-                except DSV4Error as e:
-                    plan.errors.append(str(e))
-                    continue
-            for a in aliases:
-                if a.shape != chosen["weight"].shape:
-                    plan.errors.append(f"{a.file}: {a.tensor}: alias of {chosen['weight'].tensor} with a "
-                                       f"conflicting shape: expected {list(chosen['weight'].shape)}, found {list(a.shape)}")
-            plan.params[module] = ParamPlan(spec, {r: chosen[s] for r, s in q.roles.items()}, q, tuple(aliases))
-
-
-def _pick_primary(plan: LoadPlan, name: str, sources: list[Source]) -> tuple[Source | None, list[Source]]:
-    """One source per role. Several are only allowed for the shared embed/head (aliases, top level first)."""
-    if len(sources) == 1:
-        return sources[0], []
-    base = name.rsplit(".", 1)[0] if name.startswith("head.") else name
-    if base not in SHARED:
-        plan.errors.append(f"{name}: filled by {len(sources)} tensors: " +
-                           ", ".join(f"{s.tensor} ({s.file})" for s in sources) + "; expected exactly one")
-        return None, []
-    ordered = sorted(sources, key=lambda s: (s.tensor.startswith(("mtp.", "model.layers.")), s.tensor))
-    return ordered[0], ordered[1:]
-
-
-def _check_plain(plan: LoadPlan, spec: ParamSpec, src: Source) -> bool:
-    where = f"{src.file}: {src.tensor}"
-    if src.shape != spec.shape:
-        plan.errors.append(f"{where}: expected shape {list(spec.shape)} for {spec.name}, found {list(src.shape)}")
-        return False
-    if spec.kind == INDEX and src.dtype not in ("I64", "I32"):
-        plan.errors.append(f"{where}: expected dtype I64 or I32 (expert ids), found {src.dtype}")
-        return False
-    if spec.kind == FLOAT and src.dtype not in FLOAT_DTYPES:
-        plan.errors.append(f"{where}: expected a float dtype (BF16/F16/F32), found {src.dtype}")
-        return False
-    return True
-
-
-def _unexpected(plan: LoadPlan, canon: str, sources: list[Source]) -> None:
-    """A tensor maps to a canonical name the config does not have: explained, or unmapped."""
-    cfg = plan.cfg
-    m = _MTP.match(canon)
-    for s in sources:
-        if m and not plan.include_mtp:
-            plan.explained.append({"name": s.tensor, "file": s.file, "reason": "MTP block not loaded (--no-mtp)"})
-            continue
-        lm = re.match(r"^layers\.(\d+)\.ffn\.gate\.bias$", canon)
-        if lm and cfg.is_hash_layer(int(lm.group(1))):
-            plan.explained.append({"name": s.tensor, "file": s.file, "reason": "hash layers route by tid2eid; "
-                                   "a saved selection bias is never read (transformers creates one per layer)"})
-            continue
-        if m and int(m.group(1)) >= cfg.n_mtp_layers:
-            reason = (f"MTP layer {m.group(1)} but config declares num_nextn_predict_layers={cfg.n_mtp_layers} "
-                      "(a DSpark-style multi-stage drafter is not a method=mtp block)")
-        else:
-            reason = f"maps to {canon}, which this config does not have (layer type, count or shape mismatch)"
-        plan.unmapped.append({"name": s.tensor, "file": s.file, "reason": reason})
-
-
-def _missing_reason(name: str) -> str:
-    if name.startswith("mtp."):
-        return "MTP parameter not found under any known spelling"
-    return "not found under any known spelling"
+        loose += [(i, p.canonical, Source(info.name, info.file, info.dtype, p.shape, p.ops)) for p in res.pieces]
+    notes.sort(key=itemgetter(0))
+    for _, where, entry in notes:
+        where.append(entry)
+    return found, loose, common
 
 
 def _check_mtp(plan: LoadPlan) -> None:
     cfg = plan.cfg
     if not plan.include_mtp or cfg.n_mtp_layers == 0:
         return
-    has_mtp = any(pp.spec.part.startswith("mtp.") for pp in plan.params.values())
+    has_mtp = any(pp.spec.part.startswith("mtp.") for pp in reversed(plan.params.values()))   # MTP comes last
     mtp_unmapped = [u for u in plan.unmapped if u["name"].startswith(("mtp.", "model.mtp."))]
     mtp_missing = [m for m in plan.missing if m["param"].startswith("mtp.")]
     if not has_mtp and not mtp_unmapped and mtp_missing and not any(m["reason"].startswith("MTP layer")

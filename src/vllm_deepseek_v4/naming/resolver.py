@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 from ..config import DSV4Config
 from ..errors import AmbiguousRuleError, TensorShapeError
 from .rule import Rule
-from .tables import PREFIX_ALIASES, RULES
+from .tables import PREFIX_ALIASES, RULES, RULES_COARSE, coarse_index
 
 __all__ = ["Piece", "Resolved", "Resolver", "Op"]
 
@@ -49,6 +49,24 @@ class Resolver:
     def __init__(self, cfg: DSV4Config, rules: Sequence[Rule] = RULES) -> None:
         self.cfg, self.rules = cfg, tuple(rules)
         self._by_skeleton: dict[str, tuple[Rule, ...]] = {}
+        self._coarse = RULES_COARSE if self.rules is RULES else coarse_index(self.rules)
+        self._by_coarse: dict[str, tuple[Rule, ...]] = {}
+
+    def coarse_candidates(self, form: str) -> tuple[Rule, ...]:
+        """Every rule that can match a name of coarse form ``form`` (``rule.coarse``), in table order."""
+        hit = self._by_coarse.get(form)
+        if hit is None:
+            pos = sorted(set(self._coarse.by_form.get(form, ())).union(self._coarse.wild))
+            hit = self._by_coarse[form] = tuple(self.rules[p] for p in pos)
+        return hit
+
+    def is_template_rule(self, rule: Rule) -> bool:
+        """True if ``rule.pattern`` is its template's regex (literals, digit runs and word alternations only)."""
+        return id(rule) in self._coarse.templated
+
+    def renames_to_self(self, rule: Rule) -> bool:
+        """True if ``rule`` is a template rule whose target is its own template (upstream names)."""
+        return id(rule) in self._coarse.identity
 
     def _candidates(self, name: str) -> tuple[Rule, ...]:
         skel = _NUM.sub("#", name)
@@ -78,7 +96,7 @@ class Resolver:
         pieces = self._pieces(name, tuple(shape), rule, groups)
         out, problem = [], ""
         for p in pieces:
-            canon, problem_p = self._place_mtp(p.canonical, rule)
+            canon, problem_p = self.place_mtp(p.canonical, rule)
             problem = problem or problem_p
             out.append(Piece(canon, p.source, p.shape, p.ops))
         return Resolved(name, rule, tuple(out), problem)
@@ -86,8 +104,7 @@ class Resolver:
     def resolve_all(self, items: Iterable[tuple[str, Sequence[int]]]) -> list[Resolved]:
         return [self.resolve(n, s) for n, s in items]
 
-    # ---- helpers ----
-    def _place_mtp(self, canon: str, rule: Rule) -> tuple[str, str]:
+    def place_mtp(self, canon: str, rule: Rule) -> tuple[str, str]:
         """``layers.N.`` with N >= L is MTP block ``N - L``; MTP-only names below L are a problem."""
         if not canon.startswith("layers."):
             return canon, ""

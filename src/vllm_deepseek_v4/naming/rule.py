@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import product
 
-__all__ = ["Rule", "Unfuse", "ROLE_SUFFIXES", "template_regex", "CONVENTIONS"]
+__all__ = ["Rule", "Unfuse", "ROLE_SUFFIXES", "template_regex", "template_coarse", "template_fields", "coarse", "CONVENTIONS"]
 
 CONVENTIONS = ("upstream", "hf", "vllm", "nemo")
 
@@ -20,12 +21,29 @@ ROLE_SUFFIXES = ("weight", "scale", "weight_scale_inv", "weight_scale", "weight_
 
 _PLACEHOLDERS = {"L": r"(?P<layer>\d+)", "K": r"(?P<mtp>\d+)", "E": r"(?P<expert>\d+)",
                  "Q": "(?P<role>" + "|".join(sorted(ROLE_SUFFIXES, key=len, reverse=True)) + ")"}
+_GROUPS = {"L": "layer", "K": "mtp", "E": "expert", "Q": "role"}     # the group each placeholder captures
+# What each placeholder can stand for in a coarse string (see ``coarse``): an index is one digit run.
+_COARSE_WORDS = {"L": ("#",), "K": ("#",), "E": ("#",), "Q": ROLE_SUFFIXES}
+_FIELD = re.compile(r"\{(\w+)(?::([\w|.]+))?\}")
+_DIGITS = str.maketrans("0123456789", "#" * 10)
+
+
+def coarse(text: str) -> str:
+    """``text`` with every run of ASCII digits (and ``#``) collapsed to one ``#``: ``w13_x.12`` -> ``w#_x.#``.
+
+    Works on many names joined by newlines at once. Blurs more than a skeleton (``w1`` and ``w3`` meet),
+    but a name a template matches always has a coarse form among the template's (``template_coarse``).
+    """
+    text = text.translate(_DIGITS)
+    while "##" in text:
+        text = text.replace("##", "#")
+    return text
 
 
 def template_regex(template: str) -> str:
     """Translate a template into an anchored regex source (dots escaped, placeholders captured)."""
     out, pos = [], 0
-    for m in re.finditer(r"\{(\w+)(?::([\w|.]+))?\}", template):
+    for m in _FIELD.finditer(template):
         out.append(re.escape(template[pos:m.start()]))
         name, alts = m.group(1), m.group(2)
         alt_rx = "|".join(re.escape(a) for a in alts.split("|")) if alts else ""
@@ -33,6 +51,28 @@ def template_regex(template: str) -> str:
         pos = m.end()
     out.append(re.escape(template[pos:]))
     return "^" + "".join(out) + "$"
+
+
+def template_fields(template: str) -> str:
+    """``template`` as a ``str.format`` target of its own captures (``layers.{L}.{m:a|b}`` -> ``layers.{layer}.{m}``):
+    a rule whose target equals this renames every name to itself."""
+    return _FIELD.sub(lambda m: "{" + (m.group(1) if m.group(2) else _GROUPS[m.group(1)]) + "}", template)
+
+
+def template_coarse(template: str) -> set[str]:
+    """The coarse forms (``coarse``) of every name ``template`` matches: alternations and roles spelled out.
+
+    Exact because ``coarse`` acts character by character on digits and collapses runs: a name is the
+    template's pieces with digit runs in the index slots, and one ``#`` in a slot collapses the same way.
+    """
+    pieces: list[tuple[str, ...]] = []
+    pos = 0
+    for m in _FIELD.finditer(template):
+        name, alts = m.group(1), m.group(2)
+        pieces += [(template[pos:m.start()],), tuple(alts.split("|")) if alts else _COARSE_WORDS[name]]
+        pos = m.end()
+    pieces.append((template[pos:],))
+    return {coarse("".join(p)) for p in product(*pieces)}
 
 
 @dataclass(frozen=True)

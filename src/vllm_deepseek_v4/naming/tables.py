@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
-from .rule import CONVENTIONS, Rule, template_regex
+from .rule import CONVENTIONS, Rule, template_coarse, template_fields, template_regex
 from .rules import hf, nemo, upstream, vllm
 
-__all__ = ["RULES", "PREFIX_ALIASES", "compile_rules"]
+__all__ = ["RULES", "PREFIX_ALIASES", "compile_rules", "CoarseIndex", "coarse_index", "RULES_COARSE"]
 
 # Whole-prefix spellings normalised before matching (checkpoint-formats.md section 3).
 PREFIX_ALIASES = (("model.language_model.", "model.", "VL wrapper prefix of the text model"),)
@@ -67,4 +67,31 @@ def compile_rules(modules: Iterable[Any] = (upstream, hf, vllm, nemo)) -> tuple[
     return tuple(merged.values())
 
 
+class CoarseIndex(NamedTuple):
+    """Which rules can match a name, by the name's coarse form (``rule.coarse``): a superset, never less."""
+
+    by_form: dict[str, tuple[int, ...]]     # coarse form -> positions of the template rules that produce it
+    wild: tuple[int, ...]                   # rules not written as templates: a candidate for every name
+    templated: frozenset[int]               # ids of the rules whose pattern is exactly their template's regex
+    identity: frozenset[int]                # ids of the template rules that rename every name to itself
+
+
+def coarse_index(rules: tuple[Rule, ...]) -> CoarseIndex:
+    by_form: dict[str, list[int]] = {}
+    wild, templated, identity = [], [], []
+    for pos, r in enumerate(rules):
+        template = r.key[0] + r.key[1]
+        if not template or template_regex(template) != r.pattern.pattern:
+            wild.append(pos)
+            continue
+        templated.append(id(r))
+        if r.unfuse is None and r.target == template_fields(template):
+            identity.append(id(r))
+        for form in template_coarse(template):
+            by_form.setdefault(form, []).append(pos)
+    return CoarseIndex({f: tuple(p) for f, p in by_form.items()}, tuple(wild), frozenset(templated),
+                       frozenset(identity))
+
+
 RULES: tuple[Rule, ...] = compile_rules()
+RULES_COARSE: CoarseIndex = coarse_index(RULES)
