@@ -26,7 +26,7 @@ from ..config import DSV4Config
 from ..errors import ConfigError
 from ..kernels import dispatch
 from ..quant import SCHEMES
-from .attention import AttnCache
+from .attention import AttnCache, ExternalKV
 from .block import GROUPS, Block, f32
 from .hyper import hc_head
 from .linear import QLinear
@@ -61,7 +61,7 @@ class ModelState:
     """Decode state of one stack (the main layers, or one MTP block): per-layer caches and the number of
     tokens already consumed (the position of the next token)."""
 
-    layers: list[AttnCache] = field(default_factory=list)
+    layers: list[AttnCache | ExternalKV] = field(default_factory=list)
     pos: int = 0
 
 
@@ -98,15 +98,28 @@ class DSV4Model(nn.Module):
         and advances ``state.pos`` by ``S``.
         """
         state = state if state is not None else self.new_state()
+        X = self.streams(ids, state)
+        return self.logits(self.head_input(X)), X
+
+    def streams(self, ids: torch.Tensor, state: ModelState) -> torch.Tensor:
+        """The main stack without its head: ``ids [B, S]`` -> streams ``[B, S, N, D]`` before ``hc_head``.
+
+        ``state.layers`` holds one cache per layer: an :class:`AttnCache`, or an external KV manager that
+        the attention layers delegate to (see ``attention.ExternalKV``)."""
         start = state.pos
         h = self.embed(ids)                                                        # [B, S, D]
         X = h[:, :, None, :].expand(-1, -1, self.cfg.hc_mult, -1).contiguous()     # N identical streams
         for layer, cache in zip(self.layers, state.layers):
             X = layer(X, ids, start, cache)
         state.pos = start + ids.shape[1]
+        return X
+
+    def head_input(self, X: torch.Tensor) -> torch.Tensor:
+        """``rms(hc_head(X); norm)`` -> ``[B, S, D]``, ready for :meth:`logits`."""
         y = hc_head(X, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, hc_eps=self.cfg.hc_eps,
                     norm_eps=self.cfg.norm_eps)
-        return self.logits(self.norm(y)), X
+        out: torch.Tensor = self.norm(y)
+        return out
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """Shared ``head``: ``[..., D]`` -> fp32 ``[..., V]``."""

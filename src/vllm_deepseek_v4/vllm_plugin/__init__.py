@@ -3,7 +3,8 @@
 ``register`` is the ``vllm.general_plugins`` entry point. vLLM calls it once in every process (API server,
 engine core, workers), so it only records lazy ``"module:Class"`` strings: nothing heavy is imported here.
 Registering an existing architecture name overwrites vLLM's own class (whose CPU path needs AMX-only ops and
-whose CPU MTP raises ``NotImplementedError``).
+whose CPU MTP raises ``NotImplementedError``). It also registers ``quant.QUANT_NAME``, a pass-through
+quantization config that keeps vLLM's own format handling away from DSv4 checkpoints.
 """
 from __future__ import annotations
 
@@ -25,4 +26,7 @@ def register() -> None:
 
     for arch, target in _CLASSES.items():
         ModelRegistry.register_model(arch, target)
+    from .quant import register_quant_config
+
+    register_quant_config()
     _registered = True

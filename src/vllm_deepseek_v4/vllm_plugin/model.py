@@ -1,0 +1,110 @@
+"""``DeepseekV4ForCausalLM`` for vLLM: our portable DSv4 trunk, paged caches, weights through our load plan.
+
+- Construction: the plan is built from the safetensors headers at the model path (``include_mtp=False``:
+  the draft loads ``mtp.*`` itself), the trunk is the portable ``DSV4Model`` built on the meta device with
+  the schemes detected for the trunk's own modules. vLLM's ``quant_config`` is never consulted: quantised
+  linears keep their on-disk formats and compute through ``kernels.dispatch`` (dequantise in torch on CPU).
+- Forward: all scheduled tokens run as one ``[1, T]`` sequence through the portable blocks; each attention
+  layer delegates to its :class:`~.kv.PagedKV`, which splits the batch per request and keeps every state in
+  vLLM's caches. ``forward`` returns the collapsed ``[T, D]`` state for ``compute_logits``; the pre-``hc_head``
+  streams ``[T, hc_mult * D]`` are kept for the MTP proposer (``get_mtp_target_hidden_states``).
+- ``load_weights`` routes vLLM's ``(name, tensor)`` stream through the plan and fails if anything is
+  left unfilled or unexplained.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..loader.load import schemes_from_plan
+from ..loader.plan import build_plan
+from ..model import DSV4Model, ModelState
+from .kv import PagedKV, StepInputs
+from .weights import PlanRouter, assign, check_filled
+
+__all__ = ["DSV4ForCausalLM", "model_path"]
+
+
+def model_path(model_config: object) -> str:
+    """The local artifact directory: the plan reads the safetensors headers before vLLM loads weights, so a
+    hub id is fetched (config + safetensors; the local cache only under ``HF_HUB_OFFLINE=1``) first."""
+    import os
+
+    path = str(getattr(model_config, "model"))
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    return str(snapshot_download(repo_id=path, revision=getattr(model_config, "revision", None),
+                                 allow_patterns=["*.json", "*.safetensors"]))
+
+
+def _no_pipeline_parallel(vllm_config: object) -> None:
+    pp = vllm_config.parallel_config.pipeline_parallel_size  # type: ignore[attr-defined]
+    if pp != 1:
+        raise NotImplementedError(f"DSv4 plugin: pipeline_parallel_size={pp} is not supported (use 1)")
+
+
+class DSV4ForCausalLM(nn.Module):
+    """Target model. Exposes ``model.embed_tokens`` and ``lm_head`` under vLLM's names so the MTP proposer
+    shares them with the draft."""
+
+    def __init__(self, *, vllm_config: object, prefix: str = "") -> None:
+        super().__init__()
+        _no_pipeline_parallel(vllm_config)
+        mc = vllm_config.model_config  # type: ignore[attr-defined]
+        self.plan = build_plan(model_path(mc), include_mtp=False)
+        self.plan.raise_if_bad()
+        full = self.plan.cfg
+        self.cfg = full.replace(n_mtp_layers=0, compress_ratios=full.compress_ratios[: full.n_layers])
+        self.dtype: torch.dtype = mc.dtype
+        self.schemes = schemes_from_plan(self.plan).get("main", {})
+        with torch.device("meta"):
+            self.model = DSV4Model(self.cfg, schemes={"main": self.schemes}, dtype=self.dtype)
+        self.model.embed_tokens = self.model.embed          # vLLM's names for the proposer's sharing
+        self.lm_head = self.model.head
+        self.step = StepInputs()
+        block_size = vllm_config.cache_config.block_size  # type: ignore[attr-defined]
+        self.kv = nn.ModuleList(PagedKV(full, full.ratio(i), f"{prefix}layers.{i}.attn", self.step, block_size)
+                                for i in range(full.n_layers))
+        self._state = ModelState(list(self.kv))
+        self._keep_streams = vllm_config.speculative_config is not None  # type: ignore[attr-defined]
+        self._streams: torch.Tensor | None = None
+        self._router = PlanRouter(self.plan, wanted=lambda key: not key.startswith("mtp."))
+
+    # ---- vLLM model interface ----
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: object = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs: object) -> torch.Tensor:
+        if input_ids is None:
+            raise NotImplementedError("DSv4 plugin: inputs_embeds without input_ids (hash routing needs the ids)")
+        self.step.positions = positions
+        self._state.pos = 0                                    # positions come from vLLM, per token
+        X = self.model.streams(input_ids[None], self._state)   # [1, T, N, D]
+        self._streams = X[0].flatten(1) if self._keep_streams else None
+        return self.model.head_input(X)[0]
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden_states)
+
+    def get_mtp_target_hidden_states(self) -> torch.Tensor | None:
+        """The pre-``hc_head`` streams of the last forward, ``[T, hc_mult * D]`` (the MTP draft's input)."""
+        return self._streams
+
+    # ---- weights ----
+    def is_unused_checkpoint_weight(self, name: str) -> bool:
+        """On-disk tensors the trunk never reads (``mtp.*`` except copies of the shared embed/head)."""
+        return name not in self._router.targets
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        modules = dict(self.model.named_modules())
+        for key, t in self._router.route(weights):
+            assign(modules, key, t, self.dtype, self.plan.path)
+        self._router.finish()
+        check_filled(self.model, self.plan.path, "trunk")
+        return {f"model.{n}" for n, _ in self.model.named_parameters()}

@@ -1,0 +1,159 @@
+"""Fill our modules from vLLM's weight iterator through OUR load plan (no vLLM import: testable alone).
+
+vLLM streams ``(on-disk name, tensor)`` pairs of every shard it chose to read. The plan (built from the
+safetensors headers at model-construction time) already knows, for every on-disk tensor, which canonical
+parameter role(s) it fills and how (fused sources are sliced by ``ops``; extra copies of the shared
+``embed``/``head`` are aliases whose values must agree). :class:`PlanRouter` replays that knowledge on vLLM's
+stream, one tensor at a time, and :func:`assign` puts each canonical tensor into its module exactly as
+``loader.load.load_model`` does. ``finish`` is the strict end-of-load accounting: every wanted key filled,
+every streamed tensor known to the plan, every alias checked.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import AliasMismatchError, MissingTensorError, PlanError
+from ..loader.plan import LoadPlan
+from ..loader.stream import apply_ops
+from ..model.linear import QLinear
+from ..quant import OPTIONAL_ROLES, REQUIRED_ROLES
+
+__all__ = ["PlanRouter", "assign", "check_filled"]
+
+
+@dataclass(frozen=True)
+class _Target:
+    key: str                        # canonical key this (slice of the) tensor fills
+    ops: tuple[tuple, ...]          # select / narrow / t steps applied to the on-disk tensor
+    alias: bool                     # an extra copy of a shared tensor: compared, never assigned
+
+
+def _key(name: str, quant: object, role: str) -> str:
+    return name if quant is None else f"{name}.{role}"
+
+
+class PlanRouter:
+    """Route vLLM's ``(name, tensor)`` stream to the canonical keys ``wanted`` by one model.
+
+    ``wanted(key)`` selects this model's share of the plan (the target skips ``mtp.*``; the draft keeps
+    ``mtp.*`` and the shared ``embed``/``head``). On-disk tensors the plan fills for the *other* model, or
+    explains (e.g. a hash layer's unused bias), are skipped; a tensor the plan has never seen is an error.
+    """
+
+    def __init__(self, plan: LoadPlan, wanted: Callable[[str], bool]) -> None:
+        plan.raise_if_bad()
+        self.plan = plan
+        self.targets: dict[str, list[_Target]] = {}
+        self.wanted: set[str] = set()
+        self._aliased: set[str] = set()
+        for name, pp in plan.params.items():
+            keys = [_key(name, pp.quant, role) for role in pp.roles]
+            mine = [k for k in keys if wanted(k)]
+            if not mine:
+                continue
+            for role, src in pp.roles.items():
+                k = _key(name, pp.quant, role)
+                self.targets.setdefault(src.tensor, []).append(_Target(k, src.ops, False))
+                self.wanted.add(k)
+            if pp.aliases:
+                if len(keys) != 1:
+                    raise PlanError([f"{name}: aliased copies of a multi-role parameter ({', '.join(keys)}) "
+                                     "cannot be compared role by role"], file=plan.path)
+                self._aliased.add(keys[0])
+                for a in pp.aliases:
+                    self.targets.setdefault(a.tensor, []).append(_Target(keys[0], a.ops, True))
+        self.filled: set[str] = set()
+        self._primary: dict[str, torch.Tensor] = {}       # values of aliased keys, until every copy is checked
+        self._pending: dict[str, list[tuple[str, torch.Tensor]]] = {}   # aliases seen before their primary
+        self._seen_aliases: set[tuple[str, str]] = set()
+
+    def route(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(canonical key, tensor)`` for every wanted key, comparing aliases on the way."""
+        known = self.plan.checkpoint.tensors
+        for name, tensor in weights:
+            targets = self.targets.get(name)
+            if targets is None:
+                if name not in known:
+                    raise MissingTensorError(file=self.plan.path, tensor=name, hint="vLLM streamed a tensor the "
+                                             "load plan never saw in the safetensors headers (files changed?)")
+                continue
+            for tgt in targets:
+                t = apply_ops(tensor, tgt.ops).contiguous() if tgt.ops else tensor
+                if tgt.alias:
+                    self._alias(tgt.key, name, t)
+                    continue
+                if tgt.key in self.filled:
+                    raise PlanError([f"{tgt.key}: filled twice (second source {name})"], file=self.plan.path)
+                self.filled.add(tgt.key)
+                if tgt.key in self._aliased:
+                    self._primary[tgt.key] = t
+                    for alias_name, a in self._pending.pop(tgt.key, []):
+                        self._compare(tgt.key, alias_name, a)
+                yield tgt.key, t
+
+    def _alias(self, key: str, name: str, t: torch.Tensor) -> None:
+        self._seen_aliases.add((key, name))
+        if key in self._primary:
+            self._compare(key, name, t)
+        else:
+            self._pending.setdefault(key, []).append((name, t))
+
+    def _compare(self, key: str, name: str, a: torch.Tensor) -> None:
+        t = self._primary[key]
+        if a.shape != t.shape:
+            raise AliasMismatchError(file=self.plan.path, tensor=name, expected=f"shape {list(t.shape)} of {key}",
+                                     found=list(a.shape))
+        diff = (a.float() - t.float()).abs().max().item() if t.numel() else 0.0
+        if diff != 0.0:
+            raise AliasMismatchError(file=self.plan.path, tensor=name, expected=f"the values of {key}",
+                                     found=f"max abs difference {diff:g}",
+                                     hint="two copies of a shared tensor disagree; which one the draft should use "
+                                          "is unknown")
+
+    def finish(self) -> None:
+        """Strict accounting at the end of the stream; frees the alias reference copies."""
+        missing = sorted(self.wanted - self.filled)
+        if missing:
+            raise MissingTensorError(file=self.plan.path, tensor=missing[0],
+                                     hint=f"{len(missing)} planned tensor(s) never arrived from vLLM's weight "
+                                          f"iterator: {', '.join(missing[:10])}")
+        unchecked = sorted(k for k in self._pending)
+        if unchecked:
+            raise MissingTensorError(file=self.plan.path, tensor=unchecked[0],
+                                     hint="aliased copies arrived but the primary tensor never did")
+        expected_aliases = {(t.key, name) for name, ts in self.targets.items() for t in ts if t.alias}
+        skipped = sorted(expected_aliases - self._seen_aliases)
+        if skipped:
+            raise MissingTensorError(file=self.plan.path, tensor=skipped[0][1],
+                                     hint="this copy of a shared tensor was never streamed, so its agreement with "
+                                          f"{skipped[0][0]} is unchecked")
+        self._primary.clear()
+
+
+def assign(modules: dict[str, nn.Module], key: str, t: torch.Tensor, dtype: torch.dtype, path: str) -> None:
+    """Put canonical tensor ``key`` into its module (quantised roles keep their on-disk dtype)."""
+    owner_path, _, attr = key.rpartition(".")
+    owner = modules.get(owner_path)
+    if owner is None:
+        raise MissingTensorError(file=path, tensor=key, hint="the model has no module for this planned tensor")
+    if isinstance(owner, QLinear) and attr in REQUIRED_ROLES[owner.scheme] | OPTIONAL_ROLES[owner.scheme]:
+        owner.set_role(attr, t.to(dtype) if owner.scheme == "bf16" else t)
+        return
+    current = getattr(owner, attr)
+    new = t.to(current.dtype)
+    if isinstance(current, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(new, requires_grad=False))
+    else:
+        owner.register_buffer(attr, new)
+
+
+def check_filled(module: nn.Module, path: str, what: str) -> None:
+    """Every parameter and buffer must have left the meta device (our own per-parameter check)."""
+    left = sorted(n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta)
+    if left:
+        raise MissingTensorError(file=path, tensor=left[0], hint=f"{len(left)} {what} tensor(s) were not filled "
+                                 f"from the artifact: {', '.join(left[:10])}")
