@@ -1,13 +1,17 @@
 """Streaming through the plan: every layout of the same weights yields bit-identical canonical tensors."""
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
+
 import pytest
 import torch
 from artifacts import NATIVE, canonical_tensors, make_checkpoint, make_config, to_convention, write_artifact
 
-from vllm_deepseek_v4.errors import AliasMismatchError, PlanError
+from vllm_deepseek_v4.errors import AliasMismatchError, CheckpointError, PlanError
 from vllm_deepseek_v4.loader import build_plan
-from vllm_deepseek_v4.loader.stream import iter_plan_tensors, plan_keys
+from vllm_deepseek_v4.loader.stream import PositionalReader, apply_ops, iter_plan_tensors, plan_keys
 
 
 def stream(path, **kw) -> dict[str, torch.Tensor]:
@@ -60,3 +64,42 @@ def test_a_bad_plan_streams_nothing(tmp_path):
     plan = build_plan(str(make_checkpoint(tmp_path, edit=lambda t: t.pop("norm.weight"))))
     with pytest.raises(PlanError, match="norm.weight: missing"):
         next(iter_plan_tensors(plan, progress=False))
+
+
+def test_streamed_tensors_own_exactly_their_bytes(tmp_path):
+    """Not views of the file's memory map, not views of a bigger fused source (vLLM stacks, fused projections)."""
+    plan = build_plan(str(make_checkpoint(tmp_path, convention="vllm")))
+    for key, t in iter_plan_tensors(plan, progress=False):
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size(), key
+
+
+def test_leading_slices_read_only_their_range_and_match_the_full_read(tmp_path):
+    plan = build_plan(str(make_checkpoint(tmp_path, convention="vllm")))
+    src = plan.params["layers.1.ffn.experts.2.w3"].roles["weight"]       # select(0, 2) + narrow(0, I, I) of w13
+    assert [op[0] for op in src.ops] == ["select", "narrow"]
+    with PositionalReader(plan.checkpoint) as reader:
+        piece, rest = reader.read(plan.checkpoint.tensors[src.tensor], src.ops)
+        whole, _ = reader.read(plan.checkpoint.tensors[src.tensor])
+    assert rest == () and torch.equal(piece, apply_ops(whole, src.ops))
+
+
+def test_a_shard_changed_after_planning_is_refused(tmp_path):
+    path = make_checkpoint(tmp_path)
+    plan = build_plan(str(path))
+    shard = sorted(path.glob("*.safetensors"))[-1]
+    with open(shard, "ab") as fh:
+        fh.write(b"\0" * 8)
+    with pytest.raises(CheckpointError, match=re.escape(f"{shard}: ") + r".*file changed since it was scanned"):
+        dict(iter_plan_tensors(plan, progress=False))
+
+
+def test_a_truncated_shard_names_file_and_tensor(tmp_path):
+    path = make_checkpoint(tmp_path)
+    plan = build_plan(str(path))
+    shard = sorted(path.glob("*.safetensors"))[-1]
+    last = max((t for t in plan.checkpoint.tensors.values() if t.file == shard.name), key=lambda t: t.end)
+    os.truncate(shard, os.path.getsize(shard) - 4)
+    reader = PositionalReader(plan.checkpoint)
+    reader.ckpt = dataclasses.replace(plan.checkpoint, files={**plan.checkpoint.files, shard.name: os.path.getsize(shard)})
+    with reader, pytest.raises(CheckpointError, match=re.escape(f"{shard}: {last.name}: file ended inside")):
+        reader.read(last)

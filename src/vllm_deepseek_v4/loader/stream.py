@@ -2,21 +2,31 @@
 
 ``iter_plan_tensors`` yields ``(key, tensor)`` in canonical names: ``{module}.{role}`` for linear modules,
 the full name for plain tensors. Fused sources are sliced by their ``ops``; copies of the shared
-``embed``/``head`` are compared with the primary and only the primary is yielded. Peak extra memory is one
-source tensor (the reader keeps no tensor data between reads).
+``embed``/``head`` are compared with the primary and only the primary is yielded.
+
+Every yielded tensor owns its memory: its bytes are read with one positional read (``os.preadv``) straight
+into a fresh tensor at the offsets the scan validated. (``safe_open.get_tensor`` in safetensors >= 0.6
+returns tensors that view the file's memory map: nothing is read until first use, the model would depend on
+the file staying unchanged, and copying out of the map page by page is slower than one read.) Leading
+``select``/``narrow`` ops (an expert of a stacked tensor, half of a fused projection) become a smaller byte
+range, so only the bytes a piece needs are read. Peak extra memory is one source tensor.
 """
 from __future__ import annotations
 
+import ctypes
+import math
+import os
 from typing import TYPE_CHECKING, Iterator
 
-from ..errors import AliasMismatchError
+from ..errors import AliasMismatchError, CheckpointError
 
 if TYPE_CHECKING:
     import torch
 
+    from ..checkpoint import Checkpoint, TensorInfo
     from .plan import LoadPlan, Source
 
-__all__ = ["iter_plan_tensors", "apply_ops", "plan_keys"]
+__all__ = ["iter_plan_tensors", "apply_ops", "plan_keys", "PositionalReader"]
 
 
 def apply_ops(t: "torch.Tensor", ops: tuple[tuple, ...]) -> "torch.Tensor":
@@ -44,27 +54,121 @@ def _keys(name: str, pp) -> list[str]:
 
 def iter_plan_tensors(plan: "LoadPlan", *, progress: bool = True, atol: float = 0.0) -> Iterator[tuple[str, "torch.Tensor"]]:
     """Yield every planned tensor once, in canonical names. Raises if the plan is not ``ok``."""
-    import torch
     from tqdm import tqdm
-
-    from ..checkpoint import TensorReader
 
     plan.raise_if_bad()
     total = sum(len(pp.roles) for pp in plan.params.values())
     bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
-    with TensorReader(plan.checkpoint) as reader:
-        def read(src: "Source") -> torch.Tensor:
-            t = reader.read(plan.checkpoint.tensors[src.tensor])
-            return apply_ops(t, src.ops).contiguous() if src.ops else t
+    with PositionalReader(plan.checkpoint) as reader:
         for name, pp in plan.params.items():
             for role, src in pp.roles.items():
-                t = read(src)
+                t = reader.read_source(src)
                 key = name if pp.quant is None else f"{name}.{role}"
                 for alias in pp.aliases:
-                    _compare(key, src, t, alias, read(alias), atol)
+                    _compare(key, src, t, alias, reader.read_source(alias), atol)
                 bar.update(1)
                 yield key, t
     bar.close()
+
+
+class PositionalReader:
+    """Reads planned sources into owned tensors, one ``os.preadv`` per tensor (or leading slice of one).
+
+    One file descriptor per shard, opened on first use; a shard whose size changed since the scan is refused
+    (the offsets would be stale).
+    """
+
+    def __init__(self, checkpoint: "Checkpoint") -> None:
+        self.ckpt = checkpoint
+        self._files: dict[str, tuple[int, int]] = {}       # file -> (fd, data-region start)
+
+    def __enter__(self) -> "PositionalReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def read_source(self, src: "Source") -> "torch.Tensor":
+        """``src.tensor`` after ``src.ops``, contiguous and owning exactly its own bytes."""
+        info = self.ckpt.tensors[src.tensor]
+        t, rest = self.read(info, src.ops)
+        if rest:
+            t = apply_ops(t, rest).contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()                  # a view of a bigger read: keep only its own bytes
+        return t
+
+    def read(self, info: "TensorInfo", ops: tuple[tuple, ...] = ()) -> tuple["torch.Tensor", tuple[tuple, ...]]:
+        """Read ``info`` (or the byte range its leading ``select``/``narrow`` ops pick); returns the tensor and
+        the ops still to apply."""
+        import torch
+
+        from ..checkpoint.reader import TORCH_DTYPE_NAMES
+
+        path = os.path.join(self.ckpt.root, info.file)
+        dtype = getattr(torch, TORCH_DTYPE_NAMES.get(info.dtype, ""), None)
+        if dtype is None:
+            raise CheckpointError(f"no torch {torch.__version__} dtype for this safetensors code", file=path,
+                                  tensor=info.name, expected=f"one of {sorted(TORCH_DTYPE_NAMES)}", found=info.dtype)
+        shape = list(info.shape)
+        if dtype == getattr(torch, "float4_e2m1fn_x2", None):
+            shape[-1] //= 2                                 # torch counts packed pairs
+            offset, rest = 0, ops                           # sub-byte rows: no range arithmetic
+        else:
+            offset, shape, rest = _leading_range(shape, dtype.itemsize, ops)
+        nbytes = math.prod(shape) * dtype.itemsize
+        out = torch.empty(shape, dtype=dtype)
+        if nbytes:
+            fd, data_start = self._open(path, info)
+            self._pread(fd, out, nbytes, data_start + info.start + offset, path, info)
+        return out, rest
+
+    def _open(self, path: str, info: "TensorInfo") -> tuple[int, int]:
+        got = self._files.get(info.file)
+        if got is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError("cannot open the shard", file=path, tensor=info.name, hint=str(e)) from e
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, 8, 0)
+            want = self.ckpt.files.get(info.file)
+            if size != want or len(head) != 8:
+                os.close(fd)
+                raise CheckpointError("file changed since it was scanned", file=path, tensor=info.name,
+                                      expected=f"{want} bytes", found=f"{size} bytes")
+            got = self._files[info.file] = (fd, 8 + int.from_bytes(head, "little"))
+        return got
+
+    @staticmethod
+    def _pread(fd: int, out: "torch.Tensor", nbytes: int, pos: int, path: str, info: "TensorInfo") -> None:
+        buf = memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
+        done = 0
+        while done < nbytes:                     # a single read returns at most ~2 GiB on Linux
+            n = os.preadv(fd, [buf[done:]], pos + done)
+            if n <= 0:
+                raise CheckpointError("file ended inside the tensor's data", file=path, tensor=info.name,
+                                      expected=f"{nbytes} bytes at offset {pos}", found=f"{done} bytes")
+            done += n
+
+
+def _leading_range(shape: list[int], itemsize: int, ops: tuple[tuple, ...]) -> tuple[int, list[int], tuple[tuple, ...]]:
+    """Fold leading ``select(0, i)`` / ``narrow(0, a, n)`` ops of a row-major tensor into a byte offset and a
+    smaller shape: they pick one contiguous range. Returns ``(offset, shape, remaining ops)``."""
+    offset, shape = 0, list(shape)
+    for k, op in enumerate(ops):
+        if not shape or op[0] not in ("select", "narrow") or op[1] != 0:
+            return offset, shape, ops[k:]
+        row = math.prod(shape[1:]) * itemsize
+        if op[0] == "select" and 0 <= op[2] < shape[0]:
+            offset, shape = offset + op[2] * row, shape[1:]
+        elif op[0] == "narrow" and 0 <= op[2] and op[3] >= 0 and op[2] + op[3] <= shape[0]:
+            offset, shape = offset + op[2] * row, [op[3], *shape[1:]]
+        else:                                  # out of range: let torch raise on the full tensor
+            return offset, shape, ops[k:]
+    return offset, shape, ()
 
 
 def _compare(key: str, src: "Source", t: "torch.Tensor", alias: "Source", a: "torch.Tensor", atol: float) -> None:
