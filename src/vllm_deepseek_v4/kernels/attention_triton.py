@@ -116,7 +116,7 @@ def attention_config(H: int, D: int, on_gpu: bool) -> dict[str, int]:
     """
     bd = max(16, triton.next_power_of_2(D))
     if not on_gpu:
-        return {"BH": 16, "BN": 16, "BD": bd, "num_warps": 4, "num_stages": 1}
+        return {"BH": 16, "BN": 32, "BD": bd, "num_warps": 4, "num_stages": 1}
     bh = 16 if H <= 16 else 32
     return {"BH": bh, "BN": 32 if bd >= 256 else 64, "BD": bd, "num_warps": 8 if bd >= 256 else 4,
             "num_stages": 2}
@@ -184,7 +184,7 @@ def _run(q: torch.Tensor, kv: torch.Tensor, sel: torch.Tensor, sink: torch.Tenso
     part = fill((B * S * splits * H * D,) if splits > 1 else (1,), float("nan"), dtype=torch.float32, device=q.device)
     ml = fill((B * S * splits * H * 2,) if splits > 1 else (1,), float("nan"), dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    meta = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    meta = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "enable_fp_fusion": True}
     launch(_sink_attn, (B * S, triton.cdiv(H, bh), splits),
            q, kv, sel, sink, out, part, ml, q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
            sel.stride(0) if sel.shape[0] > 1 else 0, sel.stride(1), out.stride(0), out.stride(1), out.stride(2),
@@ -192,7 +192,8 @@ def _run(q: torch.Tensor, kv: torch.Tensor, sel: torch.Tensor, sink: torch.Tenso
            INDEXED=indexed, SPLIT=splits > 1, BH=bh, BN=bn, BD=bd, PREC=prec, **meta)
     if splits > 1:
         launch(_merge_splits, (B * S, H), part, ml, sink, out, out.stride(0), out.stride(1), out.stride(2),
-               S, H, D, splits, BSP=max(2, triton.next_power_of_2(splits)), BD=bd, num_warps=4, num_stages=1)
+               S, H, D, splits, BSP=max(2, triton.next_power_of_2(splits)), BD=bd, num_warps=4, num_stages=1,
+               enable_fp_fusion=True)
     return out
 
 

@@ -160,11 +160,11 @@ def _table_meta(t: ProjTable) -> dict[str, int]:
 
 def moe_config(path: str, fmt: int, tokens_per_expert: float, on_gpu: bool) -> dict[str, int]:
     """Tile sizes per path. ``CHUNK`` input columns per loop step: fp8 needs it to divide 128 (one block scale
-    per row per step), fp4 a multiple of 128 (16+ words per row for the dot's K). The interpreter gets the
-    smallest legal tiles (it pays per element)."""
+    per row per step), fp4 a multiple of 128 (16+ words per row for the dot's K). The interpreter pays per
+    program more than per element: few, small-K programs."""
     fp4 = fmt >= FMT_MXFP4
     if not on_gpu:
-        return {"BM": 16, "BN": 16, "CHUNK": 128 if fp4 else 32, "num_warps": 4, "num_stages": 1}
+        return {"BM": 16, "BN": 32, "CHUNK": 128 if fp4 else 32, "num_warps": 4, "num_stages": 1}
     if path == "decode":   # GEMV: one 16-byte load per thread per tile per step (128 B .. 256 B per row)
         return {"BN": 32 if fp4 else 16, "CHUNK": 256 if fp4 else 128, "num_warps": 4, "num_stages": 2}
     bm = 16 if tokens_per_expert <= 16 else (32 if tokens_per_expert <= 32 else 64)
@@ -220,7 +220,8 @@ def _run(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tables: Expe
     if path not in ("decode", "sorted"):
         raise KernelUnsupportedError(tensor="path", expected="decode | sorted", found=repr(path))
     cfg = {**moe_config(path, tables.w13.fmt, T * K / E, x.is_cuda), **(config or {})}
-    meta = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    # fp fusion is explicit: Triton 3.10 turns the default off, and the GEMV counts on one FFMA per weight
+    meta = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "enable_fp_fusion": True}
     lim = {"limit": float(limit), "HAS_LIMIT": limit > 0}
     w13, w2 = tables.w13, tables.w2
     if path == "decode":   # GEMV on fp32 activations: a 16-bit load costs a conversion per weight column
