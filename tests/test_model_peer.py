@@ -20,11 +20,29 @@ Deliberate differences and how each is neutralised:
 4. **Hadamard rotation** of indexer queries/keys: applied by neither (orthonormal on both sides: no effect).
 5. **QAT simulation** (FP8 fake-quant of KV and compressed entries, FP4 indexer, FP8 activation blocks): done
    by neither; this is a BF16 artifact.
-6. **bf16 rounding points.** We follow the reference: fp32 compressor projections and pooling, fp32
-   attention softmax with the sink, fp32 hyper-connection mixing, fp32 SwiGLU with the routing weight applied
-   before ``w2``, fp32 logits. transformers rounds to bf16 at more places (attention probabilities, ``hc_post``,
-   expert outputs, ``lm_head``). Not neutralised; it is why the bf16 bound is 2.5e-2 and not 1e-2: each
-   implementation is ~1e-2 away from the fp32 result on its own (ours 0.9e-2, transformers 1.1e-2).
+6. **bf16 rounding points** (deliberate: we follow DeepSeek's reference, ``dsv4-architecture.md`` 2, 4-9 and 11;
+   transformers 5.19 rounds to bf16 at more places). Where transformers rounds and we do not:
+   a. RoPE: cos/sin tables cast to bf16 before the rotation (reference: fp32 ``freqs_cis``, one rounding);
+   b. RMSNorm: normalised value cast to bf16, *then* times the weight in bf16 (reference: ``(w * x).to(dtype)``);
+      the per-head query norm multiplies bf16 ``x`` by a bf16-rounded ``rsqrt``;
+   c. attention: ``q k^T`` returned in bf16 and scaled in bf16 (reference kernel: fp32 accumulator); softmax in
+      fp32, probabilities cast to bf16 before ``p v`` (the reference's flash-style kernel also feeds bf16
+      exp-scores to its ``p v`` GEMM; our torch reference keeps them in fp32, kernels may round there);
+   d. ``hc_post``: ``post`` and ``comb`` cast to bf16, mixing in bf16 (reference: fp32, ``type_as`` at the end);
+   e. compressor: ``wkv``/``wgate`` run in bf16, pooling weights cast to bf16 (reference: fp32 rows and pooling);
+   f. experts and shared expert: SwiGLU in bf16, routing weight applied after ``w2``, bf16 accumulation
+      (reference: fp32 SwiGLU, weight before ``w2``, fp32 accumulation);
+   g. router: logits and ``sqrtsoftplus`` in bf16 (reference: fp32);
+   h. ``lm_head`` output in bf16 (reference: fp32 logits).
+   Measured on this test's model and ids (torch 2.13 CPU, transformers 5.19): ours-vs-transformers 1.38e-2,
+   ours-vs-fp32 0.85e-2, transformers-vs-fp32 1.13e-2 -- two roughly independent errors (sqrt(0.85^2 + 1.13^2)
+   = 1.41). Reproducing transformers' rounding at any *one* of a-h changes ours-vs-transformers by at most
+   0.15e-2 (b helps most: 1.24e-2); at *all eight* it is still 1.07e-2. The rest is the bf16 noise floor of this
+   random model: recomputing every bf16 linear of *our own* model with fp32 accumulation (same rounding points,
+   another summation order) moves its logits by 0.45e-2, and scaling one token's embedding by 1 + 2^-8 moves
+   them by 0.78e-2. So no faithful choice of rounding points brings the two under 1e-2; the test asserts what
+   is meaningful instead: our bf16 logits are within 1e-2 of the exact (fp32) result, at least as close as
+   transformers' are, and within 2.5e-2 of transformers' (the fp32 comparison, 1e-4, is the semantic check).
 7. **transformers' fp32 norm weights.** It keeps every RMSNorm weight in fp32 (``_keep_in_fp32_modules_strict``),
    so in bf16 the normed query meets a bf16 ``q_b_proj`` and CPU forward fails ("expected m1 and m2 to have the
    same dtype"). We cast those weights back to bf16 after loading, which is lossless (stored in bf16).
@@ -124,5 +142,6 @@ def test_logits_match_transformers_in_bf16(tmp_path: Path, ids: torch.Tensor) ->
         got, _ = ours(cfg, sd, torch.bfloat16)(ids)
         exact, _ = ours(cfg, sd, torch.float32)(ids)
     msg = f"ours-vs-hf {rel(got, hf):.2e}, ours-vs-fp32 {rel(got, exact):.2e}, hf-vs-fp32 {rel(hf, exact):.2e}"
-    assert rel(got, hf) < 2.5e-2, msg
-    assert rel(got, exact) < 1.5e-2, msg
+    assert rel(got, exact) < 1e-2, msg                   # our bf16 rounding: within the issue's bound of exact
+    assert rel(got, exact) <= rel(hf, exact), msg        # fewer rounding points (difference 6): at least as close
+    assert rel(got, hf) < 2.5e-2, msg                    # two independent ~1e-2 errors (difference 6)
