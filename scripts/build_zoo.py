@@ -46,7 +46,8 @@ _NV = ("nvfp4", "ct")
 NVFP4_TRUNK: Quant = {"main": {"attn": _NV, "shared_experts": _NV, "experts": _NV}}
 NVFP4_ALL: Quant = {**NVFP4_TRUNK, "mtp.0": {g: _NV for g in ("attn", "shared_experts", "experts", "e_proj", "h_proj")}}
 MODELOPT_MIXED: Quant = {"main": {**NATIVE["main"], "experts": ("nvfp4", "modelopt")}, "mtp.0": NATIVE["mtp.0"]}
-W4A16_TRUNK: Quant = {"main": {"attn": ("fp8_block", "ct"), "shared_experts": ("w4a16", "ct"), "experts": ("w4a16", "ct")}}
+W4A16_TRUNK: Quant = {"main": {"attn": ("fp8_block", "ct"), "shared_experts": ("w4a16", "ct"),
+                                "experts": ("w4a16", "ct")}}
 
 
 @dataclass(frozen=True)
@@ -240,9 +241,10 @@ def build_zoo(src: str, out_dir: str, *, load: bool = True, log: Any = print) ->
             write_layout(d, name, floats, raw_cfg, cfg)
         tokenizer = copy_tokenizer(src, d)
         record = check_layout(d, name, load=load)
+        producers = sorted({f"{s}:{p}" for gs in layout.quant.values() for s, p in gs.values()})
         index["layouts"][name] = {"description": layout.description, "naming": record["naming"],
                                   "has_mtp": layout.has_mtp, "equivalent_to": layout.equivalent_to,
-                                  "producers": sorted({f"{s}:{p}" for gs in layout.quant.values() for s, p in gs.values()}),
+                                  "producers": producers,
                                   "expected_schemes": record["schemes"], "tokenizer": tokenizer,
                                   **{k: v for k, v in record.items() if k.startswith("verify")}, **extra}
         log(f"{name:24s} {record['naming']:9s} {record['verify']}")

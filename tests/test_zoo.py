@@ -128,8 +128,9 @@ def test_on_disk_roles_are_the_real_producers(zoo):
     assert mo["layers.0.ffn.experts.0.w1.weight"][0] == "U8" and mo["layers.0.ffn.experts.0.w1.weight_scale_2"][1] == []
     assert mo["mtp.0.ffn.experts.0.w1.weight"][0] == "I8" and mo["layers.0.attn.wq_a.scale"][0] == "F8_E8M0"
     w4 = tensors_of(out / "w4a16_trunk")
-    assert w4["layers.0.ffn.experts.0.w1.weight_packed"][0] == "I32" and w4["layers.0.ffn.experts.0.w1.weight_shape"][0] == "I64"
-    assert w4["layers.0.ffn.experts.0.w1.weight_scale"][0] == "BF16" and w4["layers.0.attn.wq_a.weight_scale"][0] == "F32"
+    e = "layers.0.ffn.experts.0.w1."
+    assert w4[e + "weight_packed"][0] == "I32" and w4[e + "weight_shape"][0] == "I64"
+    assert w4[e + "weight_scale"][0] == "BF16" and w4["layers.0.attn.wq_a.weight_scale"][0] == "F32"
     dup = tensors_of(out / "head_embed_duplicated")
     assert dup["mtp.0.head.weight"][0] == "F32" and "mtp.0.emb.tok_emb.weight" in dup
     vl = tensors_of(out / "vllm_internal")
