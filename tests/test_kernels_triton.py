@@ -12,8 +12,9 @@ interpreter mishandles bf16 arithmetic (``vllm-cpu.md`` section 8), so CPU runs 
 Shapes are tiny but uneven (cropped fp8 blocks, partial K chunks, partial head blocks) because the
 interpreter pays per element.
 
-Parent-process tests (no kernel execution): tile layout helpers, the backend switch, and compiling each kernel
-for sm_90a with Triton's bundled ptxas (no spills; 16-byte weight loads in the decode GEMV).
+Parent-process tests (no kernel execution here): tile layout helpers, the backend switch, compiling each kernel
+for sm_90a with Triton's bundled ptxas (no spills; 16-byte weight loads in the decode GEMV), and the GPU
+benchmark's ``--dry-run`` (its own subprocess in the interpreter).
 """
 from __future__ import annotations
 
@@ -356,6 +357,19 @@ def test_kernels_build_for_hopper(fmt: str) -> None:
         assert report.spill_bytes == 0 and report.stack_bytes == 0, report.row()
         if rec.name in ("_gate_up_gemv", "_down_gemv"):
             assert report.sass["ldg_128"] > 0, report.row()
+
+
+@parent_only
+def test_benchmark_dry_run_checks_every_format() -> None:
+    """``benchmarks/kernels.py --dry-run``: the GPU benchmark's own input builders and correctness pre-checks,
+    in the interpreter at tiny shapes, so the script cannot rot while no GPU is around."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DSV4_KERNELS")}
+    proc = subprocess.run([sys.executable, "benchmarks/kernels.py", "--dry-run",
+                           "--formats", "bf16,fp8_block,mxfp4,nvfp4,nvfp4-modelopt"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "all 26 correctness checks passed" in proc.stdout, proc.stdout[-4000:]
 
 
 # ------------------------------------------------------------------------------------------------ driver

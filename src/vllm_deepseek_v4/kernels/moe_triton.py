@@ -6,15 +6,16 @@ of a touched expert once per launch and dequantising it in registers (``dequant_
 1. gate/up: ``h[p] = w_p * silu(min(w1 x_t, limit)) * clamp(w3 x_t, +-limit)`` for every pair ``p = (t, slot)``
    (``w1`` and ``w3`` rows stream side by side; ``h`` is stored in the activation dtype, as the reference
    casts it before ``w2``);
-2. down: ``y_t = sum_slot w2_e h[p]`` in fp32.
+2. down: ``y[p] = w2_e h[p]`` per pair in fp32, then ``y_t = sum_slot y[p]``.
 
 Two paths:
 
-- **decode** (``T <= DECODE_MAX_TOKENS``): one program per (pair, row block) for gate/up and per (token, row
-  block) for down, which also sums the token's ``k`` slots, so there is no reduction launch and no sorting.
-  Products are fp32 FMAs into a ``[BN, BKH]`` register accumulator reduced once at the end (GEMV: the tensor
-  cores would idle at M = 1). At ``T = 1`` gate/up has ``6 * I / BN`` programs (768 for Flash), each
-  streaming ``BN`` rows of ``w1`` and ``w3``: enough to fill an H100/H200 without split-K.
+- **decode** (``T <= DECODE_MAX_TOKENS``): one program per (pair, row block) in both launches, no sorting
+  (a weight tile two tokens share is read twice, mostly from L2). Products are fp32 FMAs into a register
+  accumulator reduced once at the end (GEMV: the tensor cores would idle at M = 1). At ``T = 1`` that is
+  ``6 * I / BN`` gate/up and ``6 * D / BN`` down programs (384 and 768 for Flash fp4): enough bytes in flight
+  to fill an H100/H200 without split-K. One ``sum`` adds a token's ``k`` down rows (deterministic, unlike
+  atomics).
 - **sorted** (prefill, multi-token verify): pairs are sorted by expert and padded to ``BM``
   (``moe_layout.align_pairs``, on device); a program multiplies one expert tile with ``BM`` tokens on the
   tensor cores (``tl.dot``) and writes per-pair rows that one ``sum`` over the slots reduces.
@@ -75,23 +76,25 @@ def _gate_up_gemv(X, stride_x, IDS, WTS, H, stride_h, TOPK, N_OUT, K_IN, E,
 
 
 @triton.jit
-def _down_gemv(H, stride_h, IDS, OUT, stride_o, TOPK, N_OUT, K_IN,
+def _down_gemv(H, stride_h, IDS, OUT, stride_o, N_OUT, K_IN,
                W, W_OFF, S, S_OFF, G, G_OFF, stride_w, stride_s,
                FMT: tl.constexpr, SKIND: tl.constexpr, GROUP: tl.constexpr, ALIGN: tl.constexpr,
                BN: tl.constexpr, CHUNK: tl.constexpr, ACC_W: tl.constexpr, EVEN_K: tl.constexpr):
-    """One token ``t`` (program 0) x ``BN`` output rows (program 1), summed over the token's slots."""
-    t = tl.program_id(0)
+    """One pair ``p`` (program 0) x ``BN`` output rows (program 1) -> fp32 ``OUT[p, rows]``.
+
+    Pair-parallel rather than token-parallel: at ``T = 1`` that is ``k * D / BN`` programs (768 for Flash),
+    enough bytes in flight per SM; the caller sums the ``k`` rows of a token.
+    """
+    p = tl.program_id(0)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
     row_ok = rows < N_OUT
+    w2, s2, g2 = expert_ptrs(W, W_OFF, S, S_OFF, G, G_OFF, tl.load(IDS + p), FMT, ALIGN)
+    h_row = H + p * stride_h
     acc = tl.zeros((BN, ACC_W), tl.float32)
-    for j in range(TOPK):
-        p = t * TOPK + j
-        w2, s2, g2 = expert_ptrs(W, W_OFF, S, S_OFF, G, G_OFF, tl.load(IDS + p), FMT, ALIGN)
-        h_row = H + p * stride_h
-        for k0 in range(0, K_IN, CHUNK):
-            acc += gemv_chunk(w2, s2, g2, rows, row_ok, k0, K_IN, h_row, stride_w, stride_s, FMT, SKIND, GROUP, BN,
-                              CHUNK, EVEN_K)
-    tl.store(OUT + t * stride_o + rows, tl.sum(acc, 1), mask=row_ok)
+    for k0 in range(0, K_IN, CHUNK):
+        acc += gemv_chunk(w2, s2, g2, rows, row_ok, k0, K_IN, h_row, stride_w, stride_s, FMT, SKIND, GROUP, BN,
+                          CHUNK, EVEN_K)
+    tl.store(OUT + p * stride_o + rows, tl.sum(acc, 1), mask=row_ok)
 
 
 @triton.jit
@@ -234,10 +237,11 @@ def _run(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tables: Expe
                x32, x32.stride(0), ids32, wts, h32, h32.stride(0), K, I, D, E, *_table_args(w13), **lim,
                **_table_meta(w13), BN=bn, CHUNK=chunk, ACC_W=acc13, EVEN_K=D % chunk == 0,
                H_ROUND=_TL_DTYPE[x.dtype], **meta)
-        launch(_down_gemv, (T, triton.cdiv(D, bn)),
-               h32, h32.stride(0), ids32, out, out.stride(0), K, D, I, *_table_args(w2), **_table_meta(w2),
+        per_pair = out if K == 1 else _scratch((T * K, D), torch.float32, x.device)
+        launch(_down_gemv, (T * K, triton.cdiv(D, bn)),
+               h32, h32.stride(0), ids32, per_pair, per_pair.stride(0), D, I, *_table_args(w2), **_table_meta(w2),
                BN=bn, CHUNK=chunk, ACC_W=acc2, EVEN_K=I % chunk == 0, **meta)
-        return out
+        return out if K == 1 else torch.sum(per_pair.view(T, K, D), dim=1, out=out)
     bm, bn, chunk = cfg["BM"], cfg["BN"], cfg["CHUNK"]
     prec = "ieee" if x.dtype == torch.float32 else "tf32"   # fp32 stays fp32 (tf32 would cost 3e-4)
     sorted_pairs, block_e = align_pairs(ids32, E, bm)
