@@ -29,10 +29,10 @@ test: install
 test-fast: install
 	$(VPY) -m pytest -q -m "not slow"
 
-# Placeholder until the vLLM plugin lands (issue 5): shows what the loader sees in the shipped layout.
+# Serve the shipped tiny model with its MTP draft (vllm serve on 127.0.0.1), print completions and the
+# acceptance rate from /metrics, stop the server by PID.
 demo: install
-	@rm -rf /tmp/dsv4-demo-flash && $(VPY) ../shared/tools/dsv4_inventory.py sparse flash /tmp/dsv4-demo-flash >/dev/null
-	$(VENV)/bin/dsv4 inspect /tmp/dsv4-demo-flash
+	$(VPY) scripts/demo.py
 
 bench: install
 	$(VPY) benchmarks/plan_speed.py --out benchmarks/results/plan_speed
