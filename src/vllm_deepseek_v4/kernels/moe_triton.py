@@ -161,7 +161,7 @@ def _table_meta(t: ProjTable) -> dict[str, int]:
     return {"FMT": t.fmt, "SKIND": t.skind, "GROUP": max(t.group, 1), "ALIGN": t.align}
 
 
-def moe_config(path: str, fmt: int, tokens_per_expert: float, on_gpu: bool) -> dict[str, int]:
+def moe_config(path: str, fmt: int, tokens_per_expert: float, on_gpu: bool, fp32: bool = False) -> dict[str, int]:
     """Tile sizes per path. ``CHUNK`` input columns per loop step: fp8 needs it to divide 128 (one block scale
     per row per step), fp4 a multiple of 128 (16+ words per row for the dot's K). The interpreter pays per
     program more than per element: few, small-K programs."""
@@ -170,6 +170,8 @@ def moe_config(path: str, fmt: int, tokens_per_expert: float, on_gpu: bool) -> d
         return {"BM": 16, "BN": 32, "CHUNK": 128 if fp4 else 32, "num_warps": 4, "num_stages": 1}
     if path == "decode":   # GEMV: one 16-byte load per thread per tile per step (128 B .. 256 B per row)
         return {"BN": 32 if fp4 else 16, "CHUNK": 256 if fp4 else 128, "num_warps": 4, "num_stages": 2}
+    if fp32:   # ieee fp32 dots run on the FMA units: small tiles or the fp4 decode spills
+        return {"BM": 16, "BN": 32, "CHUNK": 128, "num_warps": 4, "num_stages": 2}
     bm = 16 if tokens_per_expert <= 16 else (32 if tokens_per_expert <= 32 else 64)
     return {"BM": bm, "BN": 64, "CHUNK": 128, "num_warps": 4, "num_stages": 3}
 
@@ -219,10 +221,13 @@ def _run(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tables: Expe
     if not x.is_cuda and bool(((ids32 < 0) | (ids32 >= E)).any()):   # on CUDA this would cost a sync
         raise KernelUnsupportedError(tensor="indices", expected=f"expert ids in [0, {E})",
                                      found=f"[{int(ids32.min())}, {int(ids32.max())}]")
-    path = path or ("decode" if T <= DECODE_MAX_TOKENS else "sorted")
+    # fp32 activations with fp4 weights: the sorted path's FMA-unit dot spills to local memory on sm_90
+    # (kernels_build_sm90.md); fp32 is a debugging dtype on GPU, so it takes the GEMV path at any T there.
+    fp32_fp4_gpu = x.is_cuda and x.dtype == torch.float32 and tables.w13.fmt >= FMT_MXFP4
+    path = path or ("decode" if T <= DECODE_MAX_TOKENS or fp32_fp4_gpu else "sorted")
     if path not in ("decode", "sorted"):
         raise KernelUnsupportedError(tensor="path", expected="decode | sorted", found=repr(path))
-    cfg = {**moe_config(path, tables.w13.fmt, T * K / E, x.is_cuda), **(config or {})}
+    cfg = {**moe_config(path, tables.w13.fmt, T * K / E, x.is_cuda, x.dtype == torch.float32), **(config or {})}
     # fp fusion is explicit: Triton 3.10 turns the default off, and the GEMV counts on one FFMA per weight
     meta = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "enable_fp_fusion": True}
     lim = {"limit": float(limit), "HAS_LIMIT": limit > 0}
