@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ import torch
 
 import vllm_support as vs
 from artifacts import NATIVE
+from vllm_deepseek_v4.errors import MTPLayoutError
 
 pytestmark = pytest.mark.slow
 N = 40                      # generated tokens per prompt: prompts of 3..42 tokens end at 43..82 positions
@@ -41,11 +44,37 @@ def expected(path, k: int = 2, include_mtp: bool = True) -> tuple[list[list[int]
     return [vs.greedy(ref, p, N + k) for p in vs.PROMPTS], ref
 
 
-def run(path, k: int, **kw: Any) -> tuple[list[list[int]], dict[str, Any]]:
+def run(path, k: int, probe: Any = None, **kw: Any) -> tuple[list[list[int]], dict[str, Any], Any]:
+    """Generate ``N`` greedy tokens for every prompt; ``probe(worker)`` runs in the worker afterwards."""
     with vs.engine(path, k, **kw) as llm:
         before = vs.spec_counters(llm)
         out = vs.generate(llm, vs.PROMPTS, N)
-        return out, vs.diff_counters(vs.spec_counters(llm), before)
+        counters = vs.diff_counters(vs.spec_counters(llm), before)
+        return out, counters, (vs.on_worker(llm, probe) if probe else None)
+
+
+def _sharing(worker: Any) -> dict[str, bool]:
+    """After vLLM's proposer shared the target's embed/head into the draft: what the draft computes with,
+    and whether its per-parameter check refuses a head that differs from the checkpoint's."""
+    from vllm_deepseek_v4.errors import AliasMismatchError
+
+    target, draft = worker.model_runner.model, worker.model_runner.drafter.model
+    layer = draft.model.layers[str(draft.cfg.n_layers)]
+    out = {"embed_shared": draft.model.embed_tokens is target.model.embed_tokens,
+           "head_shared": layer.shared_head.head is target.lm_head and draft.lm_head is target.lm_head,
+           "checked_before_drafting": draft._shared_checked}
+    saved = layer.shared_head.head
+    wrong = copy.deepcopy(saved)
+    wrong.weight.data[0, 0] += 1.0
+    layer.shared_head.head = wrong
+    try:
+        draft.verify_shared()
+        out["refuses_foreign_head"] = False
+    except AliasMismatchError as e:
+        out["refuses_foreign_head"] = "shared_head.head" in str(e)
+    finally:
+        layer.shared_head.head = saved
+    return out
 
 
 # ---- rollback: random weights, the draft is almost always wrong ----
@@ -58,11 +87,35 @@ def random_artifact(tmp_path_factory):
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_random_model_greedy_equals_reference_with_and_without_mtp(random_artifact, k):
     path, want = random_artifact
-    got, counters = run(path, k)
+    got, counters, sharing = run(path, k, probe=_sharing if k else None)
     assert got == [w[:N] for w in want]
     if k:
         assert counters["num_draft_tokens"] == k * counters["num_drafts"] > 0
         assert counters["num_accepted_tokens"] < counters["num_draft_tokens"]     # rejections were rolled back
+        assert sharing == {"embed_shared": True, "head_shared": True, "checked_before_drafting": True,
+                           "refuses_foreign_head": True}
+
+
+def test_artifact_without_mtp_fails_at_startup_with_our_message_and_serves_without_speculation(tmp_path):
+    path = vs.write_model(tmp_path, vs.seeded_model(0), include_mtp=False)
+    with pytest.raises(MTPLayoutError, match=r"no mtp\.\* tensors although config\.json declares "
+                                             r"num_nextn_predict_layers=1"):
+        with vs.engine(path, 1):
+            pass
+    want, _ = expected(path, k=0, include_mtp=False)
+    got, counters, _ = run(path, 0)
+    assert got == want and counters["num_drafts"] == 0
+
+
+def test_full_acceptance_when_the_draft_agrees_and_head_is_only_at_top_level(tmp_path):
+    path = vs.write_model(tmp_path, vs.seeded_model(2, agree=0.0))
+    names = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "head.weight" in names and not any(n.startswith("mtp.") and n.endswith(".head.weight") for n in names)
+    got, counters, _ = run(path, 2)
+    want, ref = expected(path)
+    assert got == [w[:N] for w in want]
+    assert counters["num_accepted_tokens"] == counters["num_draft_tokens"] > 0
+    assert counters == vs.sum_counters([vs.replay_acceptance(ref, p, w, 2, N) for p, w in zip(vs.PROMPTS, want)], 2)
 
 
 # ---- acceptance in every layout ----

@@ -35,14 +35,18 @@ PROMPTS = [[3, 17, 42, 7, 99, 1, 250, 12, 5, 64, 33, 8, 200, 150, 9, 77, 31],
 
 # ---- models ----
 @torch.no_grad()
-def agreeable(model: DSV4Model, eps: float = 0.15, eps_mtp: float = 0.05, h_scale: float = 0.05) -> DSV4Model:
+def agreeable(model: DSV4Model, eps: float = 0.15, eps_mtp: float | None = None,
+              h_scale: float | None = None) -> DSV4Model:
     """Make ``mtp.0`` a good (not perfect) draft of a random model.
 
     With the trunk's attention/MoE outputs scaled by ``eps`` the trunk is a bigram model plus an
     ``eps``-sized context term; an MTP block with ``e_proj = I``, unit ``enorm`` and the trunk's final norm
     predicts that bigram of the next token, and its own (``eps_mtp``) attention and the ``h_proj`` term
-    keep its KV cache and the trunk's streams relevant. ``eps = 0`` gives full agreement.
+    keep its KV cache and the trunk's streams relevant (both default to ``eps / 3``). ``eps = 0`` gives a
+    draft that always agrees.
     """
+    eps_mtp = eps / 3 if eps_mtp is None else eps_mtp
+    h_scale = eps / 3 if h_scale is None else h_scale
     for blk in list(model.layers) + list(model.mtp):
         scale = eps if blk in list(model.layers) else eps_mtp
         blk.attn.wo_b.weight.mul_(scale)
@@ -173,7 +177,12 @@ def engine(path: Path | str, k: int = 0, **kwargs: Any) -> Iterator[Any]:
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     kwargs.setdefault("kv_cache_memory_bytes", 64 << 20)
-    llm = make_llm(path, k, **kwargs)
+    try:
+        llm = make_llm(path, k, **kwargs)
+    except BaseException:
+        gc.collect()
+        cleanup_dist_env_and_memory()             # a failed start-up must not poison the next engine
+        raise
     try:
         yield llm
     finally:

@@ -72,7 +72,8 @@ class DSV4MTPDraft(nn.Module):
             problems = [p for p in self.plan.problems() if "mtp" in p.lower()] or self.plan.problems()
             raise MTPLayoutError(file=self.plan.path, tensor="mtp.*",
                                  hint="speculative decoding with method=mtp needs the checkpoint's MTP block: "
-                                      + "; ".join(problems[:6]))
+                                      + "; ".join(problems[:6]) + " (without --speculative-config the target "
+                                      "serves alone)")
         self.plan.raise_if_bad()
         cfg = self.cfg = self.plan.cfg
         L, N, D = cfg.n_layers, cfg.hc_mult, cfg.dim
