@@ -51,29 +51,31 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 # %% inputs ---------------------------------------------------------------------------------------------------
-def _pow2_byte(std: float, gen: torch.Generator, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def _pow2_byte(std: float, gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
     """e8m0 bytes around ``std`` (+-1 octave, random): no zeros, no NaN."""
     centre = 127 + round(math.log2(std))
-    return torch.randint(centre - 1, centre + 2, shape, generator=gen, dtype=torch.int32).to(torch.uint8).to(device)
+    return torch.randint(centre - 1, centre + 2, shape, generator=gen, device=gen.device,
+                         dtype=torch.int32).to(torch.uint8)
 
 
 def fill_random(lin: nn.Module, scheme: str, flavor: str | None, gen: torch.Generator) -> None:
-    """Random, valid on-disk roles for ``lin`` with weights of std ~ in^-1/2 (never zeros)."""
-    o, i, dev = lin.out_features, lin.in_features, lin.parts()["weight"].device
+    """Random, valid on-disk roles for ``lin`` with weights of std ~ in^-1/2 (never zeros); drawn on the
+    generator's device (768 matrices per format: the CPU would take minutes of GPU lease)."""
+    o, i, dev = lin.out_features, lin.in_features, gen.device
     std = i ** -0.5
     if scheme == "bf16":
-        lin.weight.copy_(torch.randn(o, i, generator=gen).mul_(std))
+        lin.weight.copy_(torch.randn(o, i, generator=gen, device=dev).mul_(std))
     elif scheme == "fp8_block":
-        lin.weight.copy_(torch.randn(o, i, generator=gen).mul_(64).to(torch.float8_e4m3fn))
-        lin.scale.view(torch.uint8).copy_(_pow2_byte(std / 64, gen, tuple(lin.scale.shape), dev))
+        lin.weight.copy_(torch.randn(o, i, generator=gen, device=dev).mul_(64).to(torch.float8_e4m3fn))
+        lin.scale.view(torch.uint8).copy_(_pow2_byte(std / 64, gen, tuple(lin.scale.shape)))
     else:
-        codes = torch.randint(0, 256, (o, i // 2), generator=gen, dtype=torch.int32).to(torch.uint8)
+        codes = torch.randint(0, 256, (o, i // 2), generator=gen, device=dev, dtype=torch.int32).to(torch.uint8)
         lin.weight.view(torch.uint8).copy_(codes)
         if scheme == "mxfp4":
-            lin.scale.view(torch.uint8).copy_(_pow2_byte(std / 2.5, gen, tuple(lin.scale.shape), dev))
+            lin.scale.view(torch.uint8).copy_(_pow2_byte(std / 2.5, gen, tuple(lin.scale.shape)))
         else:
             g = 1.0 / std                                                      # global: local / g ~ std / 2.5
-            local = torch.rand(o, i // 16, generator=gen).mul_(1.5).add_(0.5).mul_(g * std / 2.5)
+            local = torch.rand(o, i // 16, generator=gen, device=dev).mul_(1.5).add_(0.5).mul_(g * std / 2.5)
             lin.weight_scale.copy_(local.to(torch.float8_e4m3fn))
             if flavor == "modelopt":
                 lin.set_role("weight_scale_2", torch.tensor(1.0 / g, device=dev))
@@ -84,7 +86,7 @@ def fill_random(lin: nn.Module, scheme: str, flavor: str | None, gen: torch.Gene
 def make_experts(fmt: str, n: int, D: int, I: int, device: torch.device, seed: int = 0) -> nn.ModuleList:
     from vllm_deepseek_v4.model.moe import Expert
     scheme, flavor = FORMATS[fmt]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device(device), torch.no_grad():
         experts = nn.ModuleList(Expert(D, I, scheme, dtype=torch.bfloat16) for _ in range(n))
         for ex in experts:

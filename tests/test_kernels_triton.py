@@ -333,7 +333,9 @@ def test_auto_backend_keeps_cpu_tensors_on_the_reference() -> None:
 def test_kernels_build_for_hopper(fmt: str) -> None:
     """Each launch the wrappers make at DSv4-Flash shapes, compiled for sm_90a (no GPU needed): no register
     spills, and the decode GEMV streams weights with 16-byte loads."""
-    pytest.importorskip("triton")   # the test extra installs it; skipping keeps a bare install honest
+    triton = pytest.importorskip("triton")   # the test extra installs it; skipping keeps a bare install honest
+    if not triton.__version__.startswith("3.9."):
+        pytest.skip(f"triton_aot.compile_launch follows triton 3.9's launch internals, found {triton.__version__}")
     from vllm_deepseek_v4.kernels import attention_triton, moe_triton
     from vllm_deepseek_v4.kernels.triton_aot import compile_launch, recording
     scheme = FORMATS[fmt][0]

@@ -5,7 +5,8 @@ Every kernel launch of ``moe_triton`` / ``attention_triton`` goes through :func:
 a wrapper would make (same specialisation, constexprs, warps and stages) and build them for Hopper with
 :func:`compile_launch`: Triton's bundled ``ptxas`` turns them into sm_90a cubins and reports registers,
 spills and shared memory. That catches kernels that work in the interpreter but cannot build for the GPU,
-and shows whether weight loads came out 16 bytes wide, before any GPU time is spent.
+and shows whether weight loads came out 16 bytes wide, before any GPU time is spent. The binder and
+``_pack_args`` calls mirror ``JITFunction.run`` of triton 3.9 (internal API: other versions may differ).
 """
 from __future__ import annotations
 
