@@ -38,7 +38,7 @@ def _sink_attn(Q, KV, SEL, SINK, O, OP, ML,
                INDEXED: tl.constexpr, SPLIT: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
                BD: tl.constexpr, PREC: tl.constexpr):
     """Program (query ``b*S + s``, head block, key split)."""
-    bs = tl.program_id(0)
+    bs = tl.program_id(0).to(tl.int64)   # int64 offsets: B * N * d passes 2^31 for long caches
     hb = tl.program_id(1)
     sp = tl.program_id(2)
     b = bs // S
@@ -89,7 +89,7 @@ def _sink_attn(Q, KV, SEL, SINK, O, OP, ML,
 def _merge_splits(OP, ML, SINK, O, stride_ob, stride_os, stride_oh, S, H, D, n_splits,
                   BSP: tl.constexpr, BD: tl.constexpr):
     """Program (query, head): ``sum_i 2^(m_i - M) acc_i / (sum_i 2^(m_i - M) l_i + 2^(sink - M))``."""
-    bs = tl.program_id(0)
+    bs = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     i = tl.arange(0, BSP)
     i_ok = i < n_splits
