@@ -218,3 +218,11 @@ def test_tensor_parallel_2_runs_with_every_rank_replicating_the_model(layout_art
         counters = vs.spec_counters(llm)
     assert got == [w[:N] for w in want]
     assert counters == vs.sum_counters([vs.replay_acceptance(ref, p, w, 2, N) for p, w in zip(vs.PROMPTS, want)], 2)
+
+
+def test_online_quantization_request_is_refused_not_ignored(random_artifact):
+    """``--quantization fp8`` on a BF16 artifact would be silently ignored by our modules: refuse it."""
+    path, _ = random_artifact
+    with pytest.raises(NotImplementedError, match=r"--quantization"):
+        with vs.engine(path, 0, quantization="fp8", dtype="bfloat16"):
+            pass

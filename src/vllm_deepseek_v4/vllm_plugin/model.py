@@ -41,10 +41,18 @@ def model_path(model_config: object) -> str:
                                  allow_patterns=["*.json", "*.safetensors"]))
 
 
-def _no_pipeline_parallel(vllm_config: object) -> None:
+def check_supported(vllm_config: object) -> None:
+    """Refuse what the plugin would otherwise silently ignore."""
+    from .quant import QUANT_NAME
+
     pp = vllm_config.parallel_config.pipeline_parallel_size  # type: ignore[attr-defined]
     if pp != 1:
         raise NotImplementedError(f"DSv4 plugin: pipeline_parallel_size={pp} is not supported (use 1)")
+    qc = vllm_config.quant_config  # type: ignore[attr-defined]
+    if qc is not None and qc.get_name() != QUANT_NAME:
+        raise NotImplementedError(f"DSv4 plugin: vLLM quantization {qc.get_name()!r} (--quantization) is not "
+                                  "supported; every module computes in the format its checkpoint tensors are "
+                                  "stored in (detected from the safetensors headers)")
 
 
 class DSV4ForCausalLM(nn.Module):
@@ -53,7 +61,7 @@ class DSV4ForCausalLM(nn.Module):
 
     def __init__(self, *, vllm_config: object, prefix: str = "") -> None:
         super().__init__()
-        _no_pipeline_parallel(vllm_config)
+        check_supported(vllm_config)
         mc = vllm_config.model_config  # type: ignore[attr-defined]
         self.plan = build_plan(model_path(mc), include_mtp=False)
         self.plan.raise_if_bad()

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -29,10 +30,12 @@ from ..model.linear import QLinear
 from ..model.mtp import MTPBlock
 from ..model.primitives import Embedding
 from .kv import PagedKV, StepInputs
-from .model import _no_pipeline_parallel, model_path
+from .model import check_supported, model_path
 from .weights import PlanRouter, assign, check_filled
 
 __all__ = ["DSV4MTPDraft"]
+
+logger = logging.getLogger(__name__)
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -64,7 +67,7 @@ class DraftModel(nn.Module):
 class DSV4MTPDraft(nn.Module):
     def __init__(self, *, vllm_config: object, prefix: str = "") -> None:
         super().__init__()
-        _no_pipeline_parallel(vllm_config)
+        check_supported(vllm_config)
         draft_config = vllm_config.speculative_config.draft_model_config  # type: ignore[attr-defined]
         self.plan = build_plan(model_path(draft_config), include_mtp=True)
         report = self.plan.mtp_report()
@@ -77,10 +80,9 @@ class DSV4MTPDraft(nn.Module):
         self.plan.raise_if_bad()
         cfg = self.cfg = self.plan.cfg
         L, N, D = cfg.n_layers, cfg.hc_mult, cfg.dim
-        compressed = [k for k in range(cfg.n_mtp_layers) if cfg.ratio(L + k) > 0]
-        if compressed:
-            raise NotImplementedError(f"DSv4 plugin: MTP layer(s) {compressed} have compress ratio > 0; vLLM "
-                                      "requires all draft attention layers in one KV-cache group (window only)")
+        if cfg.ratio(L) > 0:
+            raise NotImplementedError(f"DSv4 plugin: mtp.0 has compress ratio {cfg.ratio(L)}; vLLM keeps all draft "
+                                      "attention caches in one KV-cache group, so the draft must be sliding-only")
         self.dtype: torch.dtype = draft_config.dtype
         detected = schemes_from_plan(self.plan)
         full = resolve_schemes(cfg, {k: v for k, v in detected.items() if k.startswith("mtp.")})
@@ -93,14 +95,18 @@ class DSV4MTPDraft(nn.Module):
         self.lm_head = head
         self.step = StepInputs()
         block_size = vllm_config.cache_config.block_size  # type: ignore[attr-defined]
-        self.kv = nn.ModuleList(PagedKV(cfg, cfg.ratio(L + k), f"{prefix}mtp.{k}.attn", self.step, block_size)
-                                for k in range(cfg.n_mtp_layers))
+        # vLLM never passes the draft step index, so only mtp.0 drafts (every step); deeper blocks are loaded
+        # (strict accounting) but get no cache and never run.
+        if cfg.n_mtp_layers > 1:
+            logger.warning("DSv4 plugin: %d MTP layers in %s; vLLM drafts every step with mtp.0 only",
+                           cfg.n_mtp_layers, self.plan.path)
+        self.kv = nn.ModuleList([PagedKV(cfg, cfg.ratio(L), f"{prefix}mtp.0.attn", self.step, block_size)])
         self._router = PlanRouter(self.plan, wanted=lambda key: key.startswith(("mtp.", "head.", "embed.")))
         self._checkpoint_digests: dict[str, str] = {}
         self._shared_checked = False
 
-    # vLLM never passes the step index (it is always 0), so a multi-layer MTP drafts with mtp.0.
     def _layer(self) -> MTPLayer:
+        """``mtp.0``: the block that drafts (vLLM passes no step index)."""
         layer = self.model.layers[str(self.cfg.n_layers)]
         assert isinstance(layer, MTPLayer)
         return layer
