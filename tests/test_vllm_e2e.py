@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import json
 from typing import Any
 
@@ -76,6 +78,18 @@ def _sharing(worker: Any) -> dict[str, bool]:
     finally:
         layer.shared_head.head = saved
     return out
+
+
+def test_register_is_idempotent_lazy_and_overrides_vllms_classes():
+    code = ("import sys, vllm_deepseek_v4.vllm_plugin as p; from vllm import ModelRegistry as R; "
+            "from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS as Q; p.register(); p.register(); "
+            "print([(R.models[a].module_name, R.models[a].class_name) for a in (p.TARGET_ARCH, p.DRAFT_ARCH)], "
+            "Q.count('dsv4_plugin'), any(m.startswith('vllm_deepseek_v4.vllm_plugin.') and m.rsplit('.', 1)[1] in "
+            "('model', 'mtp', 'kv', 'backend') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == (
+        "[('vllm_deepseek_v4.vllm_plugin.model', 'DSV4ForCausalLM'), ('vllm_deepseek_v4.vllm_plugin.mtp', "
+        "'DSV4MTPDraft')] 1 False")
 
 
 # ---- rollback: random weights, the draft is almost always wrong ----
@@ -226,3 +240,28 @@ def test_online_quantization_request_is_refused_not_ignored(random_artifact):
     with pytest.raises(NotImplementedError, match=r"--quantization"):
         with vs.engine(path, 0, quantization="fp8", dtype="bfloat16"):
             pass
+
+
+def test_shipped_tiny_model_accepts_drafts_as_measured_offline():
+    """The trained tiny model (``assets/tiny``): its MTP is really trained, so acceptance is well above zero;
+    vLLM's counters must equal the offline replay and the output the portable greedy decode."""
+    from vllm_deepseek_v4.assets import tiny_model_path
+
+    try:
+        path = tiny_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"the trained tiny model is not shipped yet: {e}")
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    prompts = [tok(t)["input_ids"] for t in ("def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main(",
+                                             "The Python standard library", "class Stack:\n    \"\"\"")]
+    ref = vs.reference_model(path)
+    want = [vs.greedy(ref, p, N + 2) for p in prompts]
+    with vs.engine(path, 2, skip_tokenizer_init=True) as llm:
+        before = vs.spec_counters(llm)
+        got = vs.generate(llm, prompts, N)
+        counters = vs.diff_counters(vs.spec_counters(llm), before)
+    assert got == [w[:N] for w in want]
+    assert counters == vs.sum_counters([vs.replay_acceptance(ref, p, w, 2, N) for p, w in zip(prompts, want)], 2)
+    assert counters["num_accepted_tokens"] > 0
