@@ -165,3 +165,21 @@ def test_bulk_scan_equals_per_entry_scan(tmp_path, monkeypatch):
     fast = scan_checkpoint(d)
     monkeypatch.setattr(fmt, "_bulk_entries", lambda *a: None)
     assert scan_checkpoint(d) == fast
+
+
+def test_the_flash_layout_takes_the_bulk_paths_throughout(flash_dir, monkeypatch):
+    """The speed claim in benchmarks/plan_speed.py rests on this: no Flash tensor is handled one by one."""
+    from vllm_deepseek_v4.config import load_config
+    from vllm_deepseek_v4.loader import account as account_mod
+    from vllm_deepseek_v4.naming import Resolver, resolve_names
+
+    def one_by_one_used(*args):
+        raise AssertionError(f"handled one by one: {args[:3]}")
+    monkeypatch.setattr(fmt, "_entry", one_by_one_used)
+    ck = scan_checkpoint(flash_dir)
+    batches, rest = resolve_names(Resolver(load_config(str(flash_dir))), list(ck.tensors))
+    assert rest == [] and sum(len(b.index) for b in batches) == len(ck.tensors) == 69_187
+    slow: list[str] = []
+    monkeypatch.setattr(account_mod, "_slow_module", lambda module, *args: slow.append(module))
+    plan = build_plan(str(flash_dir), checkpoint=ck)
+    assert slow == [] and not plan.errors and not plan.missing and len(plan.params) == 35_020

@@ -35,7 +35,8 @@ _KNOWN = ", ".join(sorted(DTYPE_BITS))
 class TensorInfo(NamedTuple):
     """Where one tensor lives: ``file`` is relative to the artifact root; ``start``/``end`` are data-region offsets.
 
-    A named tuple (immutable, no per-field ``__init__``) so that 69,187 of them are built in C, in bulk.
+    A named tuple (immutable, no per-field ``__init__``) so that 69,187 of them are built in C, in bulk. It is
+    also the load source of the whole tensor: ``tensor`` and ``ops`` read like ``loader.Source`` (a slice).
     """
 
     name: str
@@ -55,6 +56,16 @@ class TensorInfo(NamedTuple):
         """Number of elements (1 for a 0-d tensor)."""
         return math.prod(self.shape)
 
+    @property
+    def tensor(self) -> str:
+        """As a load source: the tensor read is this one (``loader.Source.tensor``)."""
+        return self.name
+
+    @property
+    def ops(self) -> tuple[()]:
+        """As a load source: read whole, no slicing (``loader.Source.ops``)."""
+        return ()
+
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
@@ -69,7 +80,8 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         """Sum of tensor ``nbytes`` (headers excluded)."""
-        return sum(t.end - t.start for t in self.tensors.values())
+        infos = self.tensors.values()
+        return sum(map(sub, map(itemgetter(5), infos), map(itemgetter(4), infos)))
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -145,43 +157,51 @@ def _entry(path: str, rel: str, name: str, entry: object, data_len: int) -> Tens
 _FIELDS = itemgetter("dtype", "shape", "data_offsets")
 _SPAN = itemgetter(4, 5)                       # (start, end) of a TensorInfo: the data order
 _KNOWN_DTYPES = frozenset(DTYPE_BITS)
+_NBYTES, _KIND_DTYPE, _KIND_SHAPE = itemgetter(0), itemgetter(1), itemgetter(2)
 _new_info = partial(tuple.__new__, TensorInfo)
 
 
-def _bulk_entries(rel: str, header: dict[str, object], data_len: int) -> list[TensorInfo] | None:
+def _bulk_entries(rel: str, header: dict[str, object], data_len: int,
+                  shared: dict[tuple[str, tuple[int, ...]], tuple[int, str, tuple[int, ...]]]) -> list[TensorInfo] | None:
     """All of ``_entry`` and ``_check_tiling`` in whole-header passes that run in C; None if anything is off.
 
     Only an accelerator: None hands the header to the per-entry checks, which name the first bad tensor.
-    Accepting here implies they accept: the same conditions, tested over all entries at once.
+    Accepting here implies they accept: the same conditions, tested over all entries at once. ``shared``
+    maps each valid (dtype, shape) seen so far to its size in bytes and one copy of each, so that equal
+    shapes are one tuple (planning compares them by the thousand).
     """
     entries = header.values()
-    if not entries or set(map(type, entries)) != {dict}:
+    if not entries:
         return None
-    try:
+    try:                                        # JSON values: only an object takes a string subscript
         dtypes, shapes, offsets = zip(*map(_FIELDS, entries))
         if not _KNOWN_DTYPES.issuperset(dtypes):
             return None
-    except (KeyError, TypeError):               # a missing field, or an unhashable dtype
+    except (KeyError, TypeError):               # not an object, a missing field, or an unhashable dtype
         return None
-    if set(map(type, shapes)) != {list} or set(map(type, offsets)) != {list} or set(map(len, offsets)) != {2}:
+    if set(map(type, chain(shapes, offsets))) != {list} or set(map(len, offsets)) != {2}:
         return None
-    dims, offs = list(chain.from_iterable(shapes)), list(chain.from_iterable(offsets))
+    nums = list(chain.from_iterable(chain(shapes, offsets)))
     # exact ``int`` (bools and floats excluded), so equal shapes below are identical shapes
-    if not {int}.issuperset(map(type, dims)) or set(map(type, offs)) != {int} or min(offs) < 0 or min(dims, default=0) < 0:
+    if set(map(type, nums)) != {int} or min(nums) < 0:
         return None
-    tshapes = list(map(tuple, shapes))
-    need: dict[tuple[str, tuple[int, ...]], int] = {}
-    for dtype, shape in set(zip(dtypes, tshapes)):  # few distinct (dtype, shape) pairs
-        bits = math.prod(shape) * DTYPE_BITS[dtype]
+    offs = nums[len(nums) - 2 * len(offsets):]               # s0 e0 s1 e1 ...
+    starts, ends = offs[0::2], offs[1::2]
+    kinds = list(zip(dtypes, map(tuple, shapes)))
+    for kind in set(kinds).difference(shared):  # few distinct (dtype, shape) pairs
+        bits = math.prod(kind[1]) * DTYPE_BITS[kind[0]]
         if bits % 8:
             return None
-        need[dtype, shape] = bits // 8
-    starts, ends = offs[0::2], offs[1::2]
-    if list(map(sub, ends, starts)) != list(map(need.__getitem__, zip(dtypes, tshapes))) or max(ends) > data_len:
+        shared[kind] = (bits // 8,) + kind      # (bytes, dtype, shape): one dtype string, one shape tuple
+    rows = list(map(shared.__getitem__, kinds))
+    if list(map(sub, ends, starts)) != list(map(_NBYTES, rows)) or max(ends) > data_len:
         return None
-    infos = list(map(_new_info, zip(header, dtypes, tshapes, repeat(rel), starts, ends)))
+    infos = list(map(_new_info, zip(header, map(_KIND_DTYPE, rows), map(_KIND_SHAPE, rows), repeat(rel), starts, ends)))
+    # tiled in header order (e_i == s_(i+1)): then header order is the data order too (sizes are >= 0)
+    if offs[0] == 0 and offs[-1] == data_len and offs[1:-1:2] == offs[2::2]:
+        return infos
     infos.sort(key=_SPAN)
-    spans = list(chain.from_iterable(map(_SPAN, infos)))     # s0 e0 s1 e1 ...: tiled iff e_i == s_(i+1)
+    spans = list(chain.from_iterable(map(_SPAN, infos)))
     if spans[0] != 0 or spans[-1] != data_len or spans[1:-1:2] != spans[2::2]:
         return None
     return infos
@@ -200,8 +220,10 @@ def _check_tiling(path: str, infos: list[TensorInfo], data_len: int) -> None:
                     f"{data_len} bytes", prev)
 
 
-def parse_header(path: str, rel: str, size: int) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Parse and validate one file's header; returns its tensors in data order and its ``__metadata__``."""
+def parse_header(path: str, rel: str, size: int, shared: dict | None = None) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Parse and validate one file's header; returns its tensors in data order and its ``__metadata__``.
+
+    ``shared``: a dict kept across the files of one artifact (see ``_bulk_entries``)."""
     header, data_start = _read_header(path, size)
     data_len = size - data_start
     meta = header.pop("__metadata__", None)
@@ -209,7 +231,7 @@ def parse_header(path: str, rel: str, size: int) -> tuple[list[TensorInfo], dict
         meta = {}
     elif not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _fail(path, "bad __metadata__", "an object of strings", repr(meta)[:80], "__metadata__")
-    infos = _bulk_entries(rel, header, data_len)
+    infos = _bulk_entries(rel, header, data_len, {} if shared is None else shared)
     if infos is None:
         infos = [_entry(path, rel, name, entry, data_len) for name, entry in header.items()]
         infos.sort(key=_SPAN)

@@ -10,13 +10,13 @@ reported in the order a tensor-by-tensor pass would meet them (tensor order, the
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain, filterfalse, repeat
-from operator import itemgetter
-from typing import TYPE_CHECKING, NamedTuple
+from itertools import chain, compress, filterfalse, repeat
+from operator import itemgetter, not_
+from typing import TYPE_CHECKING, NamedTuple, Union
 
+from ..checkpoint import TensorInfo
 from ..errors import DSV4Error
 from ..naming.rule import ROLE_SUFFIXES
 from ..quant.detect import FLOAT_DTYPES, ModuleQuant, TensorMeta, classify_module
@@ -25,16 +25,21 @@ from .expected import FLOAT, INDEX, LINEAR, ParamSpec
 if TYPE_CHECKING:
     from .plan import LoadPlan
 
-__all__ = ["Source", "ParamPlan", "Found", "account", "SHARED"]
+__all__ = ["Source", "AnySource", "ParamPlan", "Found", "account", "SHARED"]
 
 _ROLES = frozenset(ROLE_SUFFIXES)
 _MTP = re.compile(r"^mtp\.(\d+)\.")
 SHARED = ("embed.weight", "head")   # plain tensor / linear module shared by the main model and the MTP draft
-_DTYPE, _SHAPE, _FIRST = itemgetter(2), itemgetter(3), itemgetter(0)     # Source.dtype, Source.shape
+_DTYPE, _SHAPE, _FIRST = itemgetter(1), itemgetter(2), itemgetter(0)     # TensorInfo.dtype, .shape
+_NAME, _KIND = itemgetter(0), itemgetter(2)                               # ParamSpec.name, .kind
 
 
 class Source(NamedTuple):
-    """One on-disk tensor (or a slice of it, after ``ops``) that fills a parameter role."""
+    """A slice of an on-disk tensor (after ``ops``) that fills a parameter role.
+
+    A whole tensor fills a role as its ``TensorInfo``, which reads the same (``tensor``, ``file``, ``dtype``,
+    ``shape``, ``ops == ()``): 69k whole tensors in Flash, no copy of each.
+    """
 
     tensor: str
     file: str
@@ -47,26 +52,28 @@ class ParamPlan(NamedTuple):
     """How one expected parameter is filled: its scheme (linears) and the source of each role."""
 
     spec: ParamSpec
-    roles: dict[str, Source]
+    roles: dict[str, AnySource]
     quant: ModuleQuant | None = None
-    aliases: tuple[Source, ...] = ()      # extra copies of a shared tensor: compared when loading
+    aliases: tuple[AnySource, ...] = ()   # extra copies of a shared tensor: compared when loading
 
     @property
     def scheme(self) -> str:
         return self.quant.scheme if self.quant else ""
 
 
-new_source = partial(tuple.__new__, Source)
+AnySource = Union[Source, TensorInfo]       # what fills a role: a slice, or a whole tensor
 _new_param = partial(tuple.__new__, ParamPlan)
 
 
 @dataclass(slots=True)
 class Found:
-    """Tensors renamed as a batch: ``sources[i]`` fills canonical name ``canonical[i]``; ``index`` = tensor order."""
+    """Tensors renamed as a batch: tensor ``sources[i]`` fills canonical name ``canonical[i]``; ``index`` = its
+    position in the checkpoint."""
 
     canonical: list[str]
-    sources: list[Source]
+    sources: list[TensorInfo]
     index: list[int]
+    text: str                   # "\n".join(canonical)
 
 
 class _Kinds:
@@ -93,6 +100,7 @@ class _Role:
     role: str
     modules: list[str]
     found: Found
+    module_set: frozenset[str]
     by_module: dict[str, int] = field(default_factory=dict)     # module -> position, built when needed
 
     def positions(self, modules: list[str]) -> list[int]:
@@ -101,40 +109,44 @@ class _Role:
         return list(map(self.by_module.__getitem__, modules))
 
 
-def account(plan: LoadPlan, specs: list[ParamSpec], batches: list[Found], loose: list[tuple[int, str, Source]]) -> None:
+def account(plan: LoadPlan, specs: list[ParamSpec], batches: list[Found], loose: list[tuple[int, str, AnySource]]) -> None:
     """Fill ``plan.params`` / ``missing`` / ``errors`` / ``unmapped`` / ``explained`` from resolved tensors.
 
     ``loose``: ``(tensor position, canonical name, source)`` for tensors resolved one by one.
     """
-    plain = {s.name: s for s in specs if s.kind != LINEAR}
-    linear = {s.name: s for s in specs if s.kind == LINEAR}
-    dups = _duplicates(batches, loose)
+    is_linear = list(map(LINEAR.__eq__, map(_KIND, specs)))
+    plain = dict(compress(zip(map(_NAME, specs), specs), map(not_, is_linear)))
+    linear = dict(compress(zip(map(_NAME, specs), specs), is_linear))
+    # a plain name spelled like a linear's role (module.weight) would need checking name by name; none is
+    plain_like_role = any(p.rpartition(".")[2] in _ROLES and p.rpartition(".")[0] in linear for p in plain)
     bulk: list[_Role] = []
     slow = list(loose)
     for b in batches:
-        item = _as_role(b, plain, linear, dups)
+        item = _as_role(b, plain if plain_like_role else {}, linear)
         if item is None:
             slow += zip(b.index, b.canonical, b.sources)
         else:
             bulk.append(item)
-    slow_modules = {canon.rpartition(".")[0] for _, canon, _ in slow}
     cells = []
+    slow_modules = {module for module, _, role in (canon.rpartition(".") for _, canon, _ in slow) if role in _ROLES}
     for modules, items in _cells(bulk):
-        shared = slow_modules.intersection(modules)
-        if shared:              # these modules also get a role from the slow path: all of them go there
+        # a role twice (one name filled twice), or a module with roles from the slow path too:
+        # those modules go to the slow path whole, which reports or aliases them
+        moved = set(modules) if len({it.role for it in items}) < len(items) else slow_modules.intersection(modules)
+        if moved:
             for it in items:
-                pos = it.positions(sorted(shared))
+                pos = it.positions(sorted(moved))
                 f = it.found
                 slow += zip(map(f.index.__getitem__, pos), map(f.canonical.__getitem__, pos), map(f.sources.__getitem__, pos))
-            modules = [m for m in modules if m not in shared]
+            modules = [m for m in modules if m not in moved]
         if modules:
             cells.append((modules, items))
     slow.sort(key=_FIRST)
-    found: dict[str, list[Source]] = {}
+    found: dict[str, list[AnySource]] = {}
     for _, canon, src in slow:
         found.setdefault(canon, []).append(src)
 
-    by_module: dict[str, dict[str, list[Source]]] = {}
+    by_module: dict[str, dict[str, list[AnySource]]] = {}
     for canon, sources in found.items():
         if canon in plain:
             continue
@@ -145,60 +157,54 @@ def account(plan: LoadPlan, specs: list[ParamSpec], batches: list[Found], loose:
         _unexpected(plan, canon, sources)
     _account_plain(plan, plain, found)
 
-    made: dict[str, ParamPlan] = {}
+    made = plan.params                          # after the plain ones: linear modules in spec order,
+    made.update(dict.fromkeys(linear))          # each filled below (None until then)
     errors: list[tuple[str, str]] = []          # (module, message): reported in parameter order
     kinds = _Kinds()
-    covered = set(by_module)
     for modules, items in cells:
-        covered.update(modules)
         _bulk_cell(modules, items, linear, kinds, made, errors)
     for module in filter(by_module.__contains__, linear):
         _slow_module(module, linear[module], by_module[module], kinds, made, errors)
 
-    plan.missing += [{"param": f"{m}.weight", "reason": _missing_reason(m)} for m in filterfalse(covered.__contains__, linear)]
+    if None in made.values():                   # errors, or missing: neither planned nor reported
+        unfilled = [m for m, pp in made.items() if pp is None]
+        covered = set(by_module).union(*(modules for modules, _ in cells))
+        plan.missing += [{"param": f"{m}.weight", "reason": _missing_reason(m)}
+                         for m in filterfalse(covered.__contains__, unfilled)]
+        for m in unfilled:
+            del made[m]
     if errors:
         order = dict(zip(linear, range(len(linear))))
         errors.sort(key=lambda e: order[e[0]])
         plan.errors += [msg for _, msg in errors]
-    names = list(filter(made.__contains__, linear))
-    plan.params.update(zip(names, map(made.__getitem__, names)))
 
 
 # ---- bulk path ----
-def _duplicates(batches: list[Found], loose: list[tuple[int, str, Source]]) -> set[str]:
-    """Canonical names filled by more than one tensor (aliases or real duplicates): left to the slow path."""
-    total = sum(len(b.canonical) for b in batches) + len(loose)
-    names = set(chain.from_iterable(b.canonical for b in batches))
-    names.update(canon for _, canon, _ in loose)
-    if len(names) == total:
-        return set()
-    counts = Counter(chain(chain.from_iterable(b.canonical for b in batches), (canon for _, canon, _ in loose)))
-    return {canon for canon, n in counts.items() if n > 1}
-
-
-def _as_role(b: Found, plain: dict[str, ParamSpec], linear: dict[str, ParamSpec], dups: set[str]) -> _Role | None:
-    """The batch as one role of expected linear modules, or None if any name in it is something else."""
+def _as_role(b: Found, plain: dict[str, ParamSpec], linear: dict[str, ParamSpec]) -> _Role | None:
+    """The batch as one role of distinct expected linear modules, or None if any name in it is something else."""
     canon = b.canonical
-    if not canon or (dups and not dups.isdisjoint(canon)):
+    if not canon:
         return None
     role = canon[0].rpartition(".")[2]
     if role not in _ROLES:
         return None
-    end = "." + role + "\n"
-    text = "\n".join(canon) + "\n"
-    if text.count(end) != len(canon):           # each "\n" ends one name: every name ends with .role
+    end = "." + role
+    text = b.text
+    # each "\n" ends one name: every name ends with .role
+    if not text.endswith(end) or text.count(end + "\n") != len(canon) - 1:
         return None
-    modules = text.replace(end, "\n")[:-1].split("\n")
+    modules = text.replace(end + "\n", "\n")[:-len(end)].split("\n")
     if not plain.keys().isdisjoint(canon) or not all(map(linear.__contains__, modules)):
         return None
-    return _Role(role, modules, b)
+    item = _Role(role, modules, b, frozenset(modules))
+    return item if len(item.module_set) == len(modules) else None      # else a name twice in the batch
 
 
 def _cells(bulk: list[_Role]) -> list[tuple[list[str], list[_Role]]]:
     """Partition the modules by which batches fill them: within a cell every module has the same roles."""
     families: dict[frozenset[str], list[_Role]] = {}
     for item in bulk:
-        families.setdefault(frozenset(item.modules), []).append(item)
+        families.setdefault(item.module_set, []).append(item)
     sets = list(families)
     if sum(map(len, sets)) == len(set().union(*sets)):         # disjoint: the usual case
         return [(items[0].modules, items) for items in families.values()]
@@ -229,11 +235,11 @@ def _bulk_cell(modules: list[str], items: list[_Role], linear: dict[str, ParamSp
     specs = list(map(linear.__getitem__, modules))
     by_role = sorted(range(len(roles)), key=roles.__getitem__)
     # one flat tuple per module: (logical shape, dtype and shape of each role in role order)
-    keys = list(zip(map(itemgetter(1), specs), *chain.from_iterable(
-        (map(_DTYPE, cols[j]), map(_SHAPE, cols[j])) for j in by_role)))
+    def keys():
+        return zip(map(itemgetter(1), specs), *chain.from_iterable(
+            (map(_DTYPE, cols[j]), map(_SHAPE, cols[j])) for j in by_role))
     quant: dict[tuple, ModuleQuant | None] = {}
-    for key in set(keys):
-        i = keys.index(key)
+    for key, i in dict(zip(keys(), range(len(modules)))).items():     # each kind once, with a module of it
         # the slow path's key: (logical shape, sorted (role, dtype, shape))
         slow_key = (key[0], tuple((roles[j], cols[j][i].dtype, cols[j][i].shape) for j in by_role))
         q = kinds.get(slow_key)
@@ -245,7 +251,7 @@ def _bulk_cell(modules: list[str], items: list[_Role], linear: dict[str, ParamSp
                 q = None                        # every module of this kind reports its own tensors below
         quant[key] = q
     distinct = {id(q): q for q in quant.values()}
-    qs = list(map(quant.__getitem__, keys)) if len(distinct) > 1 else None
+    qs = list(map(quant.__getitem__, keys())) if len(distinct) > 1 else None
     col_of = dict(zip(roles, cols))
     for q in distinct.values():
         pick = range(len(modules)) if qs is None else [i for i, x in enumerate(qs) if x is q]
@@ -257,7 +263,7 @@ def _bulk_cell(modules: list[str], items: list[_Role], linear: dict[str, ParamSp
         made.update(zip(sel(modules), map(_new_param, zip(sel(specs), dicts, repeat(q), repeat(())))))
 
 
-def _classify_error(module: str, spec: ParamSpec, items: list[_Role], cols: list[list[Source]], i: int) -> str:
+def _classify_error(module: str, spec: ParamSpec, items: list[_Role], cols: list[list[AnySource]], i: int) -> str:
     """The slow path's message for module ``i``: its roles in tensor order, as the slow path would pass them."""
     pos = [it.found.index[it.positions([module])[0]] for it in items]
     order = sorted(range(len(items)), key=pos.__getitem__)
@@ -271,7 +277,7 @@ def _classify_error(module: str, spec: ParamSpec, items: list[_Role], cols: list
 
 
 # ---- slow path (tensor by tensor) ----
-def _account_plain(plan: LoadPlan, plain: dict[str, ParamSpec], found: dict[str, list[Source]]) -> None:
+def _account_plain(plan: LoadPlan, plain: dict[str, ParamSpec], found: dict[str, list[AnySource]]) -> None:
     for name, spec in plain.items():
         sources = found.get(name)
         if not sources:
@@ -284,10 +290,10 @@ def _account_plain(plan: LoadPlan, plain: dict[str, ParamSpec], found: dict[str,
             plan.params[name] = ParamPlan(spec, {"tensor": primary}, None, tuple(aliases))
 
 
-def _slow_module(module: str, spec: ParamSpec, roles: dict[str, list[Source]], kinds: _Kinds,
+def _slow_module(module: str, spec: ParamSpec, roles: dict[str, list[AnySource]], kinds: _Kinds,
                  made: dict[str, ParamPlan], errors: list[tuple[str, str]]) -> None:
-    chosen: dict[str, Source] = {}
-    aliases: list[Source] = []
+    chosen: dict[str, AnySource] = {}
+    aliases: list[AnySource] = []
     msgs: list[str] = []
     for role, sources in roles.items():
         primary, extra = _pick_primary(msgs, f"{module}.{role}", sources)
@@ -312,7 +318,7 @@ def _slow_module(module: str, spec: ParamSpec, roles: dict[str, list[Source]], k
     made[module] = ParamPlan(spec, {r: chosen[s] for r, s in q.roles.items()}, q, tuple(aliases))
 
 
-def _pick_primary(errors: list[str], name: str, sources: list[Source]) -> tuple[Source | None, list[Source]]:
+def _pick_primary(errors: list[str], name: str, sources: list[AnySource]) -> tuple[AnySource | None, list[AnySource]]:
     """One source per role. Several are only allowed for the shared embed/head (aliases, top level first)."""
     if len(sources) == 1:
         return sources[0], []
@@ -325,7 +331,7 @@ def _pick_primary(errors: list[str], name: str, sources: list[Source]) -> tuple[
     return ordered[0], ordered[1:]
 
 
-def _check_plain(plan: LoadPlan, spec: ParamSpec, src: Source) -> bool:
+def _check_plain(plan: LoadPlan, spec: ParamSpec, src: AnySource) -> bool:
     where = f"{src.file}: {src.tensor}"
     if src.shape != spec.shape:
         plan.errors.append(f"{where}: expected shape {list(spec.shape)} for {spec.name}, found {list(src.shape)}")
@@ -339,7 +345,7 @@ def _check_plain(plan: LoadPlan, spec: ParamSpec, src: Source) -> bool:
     return True
 
 
-def _unexpected(plan: LoadPlan, canon: str, sources: list[Source]) -> None:
+def _unexpected(plan: LoadPlan, canon: str, sources: list[AnySource]) -> None:
     """A tensor maps to a canonical name the config does not have: explained, or unmapped."""
     cfg = plan.cfg
     m = _MTP.match(canon)

@@ -32,6 +32,14 @@ class ParamSpec(NamedTuple):
 
 _spec = partial(tuple.__new__, ParamSpec)
 
+
+class _Experts(NamedTuple):
+    """The routed experts' local names (``ffn.experts.{e}.{w1,w3,w2}``) and shapes, the same in every block
+    (one shape tuple each, shared by every expert of every layer)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, int], ...]
+
 # Quant groups of linear modules, keyed by the module path below the block prefix (issue 2, item 4).
 GROUP_OF = {
     "attn.wq_a": "attn", "attn.wq_b": "attn", "attn.wkv": "attn", "attn.wo_a": "attn", "attn.wo_b": "attn",
@@ -46,8 +54,7 @@ GROUP_OF = {
 }
 
 
-def _block(p: str, cfg: DSV4Config, layer: int, part: str, experts: tuple[str, ...]) -> list[ParamSpec]:
-    """``experts``: ``ffn.experts.{e}.{w1,w3,w2}`` for every expert, the same for every block."""
+def _block(p: str, cfg: DSV4Config, layer: int, part: str, experts: _Experts) -> list[ParamSpec]:
     D, H, d, q = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.q_lora_rank
     G, N, r = cfg.o_groups, cfg.hc_mult, cfg.ratio(layer)
     I, E, Ish = cfg.moe_inter_dim, cfg.n_routed_experts, cfg.moe_inter_dim * cfg.n_shared_experts
@@ -86,8 +93,8 @@ def _block(p: str, cfg: DSV4Config, layer: int, part: str, experts: tuple[str, .
     else:
         flt("ffn.gate.bias", E)
     # routed experts, w1 w3 w2 per expert: 256 x 3 per layer, so built in one C-level pass
-    names = map(p.__add__, experts)
-    out += map(_spec, zip(names, cycle(((I, D), (I, D), (D, I))), repeat(LINEAR), repeat("experts"), repeat(part)))
+    names = map(p.__add__, experts.names)
+    out += map(_spec, zip(names, cycle(experts.shapes), repeat(LINEAR), repeat("experts"), repeat(part)))
     lin("ffn.shared_experts.w1", Ish, D); lin("ffn.shared_experts.w3", Ish, D); lin("ffn.shared_experts.w2", D, Ish)
     return out
 
@@ -106,7 +113,9 @@ def expected_params(cfg: DSV4Config, *, include_mtp: bool = True) -> list[ParamS
            ParamSpec("head", (V, D), LINEAR, "head", "main"),
            ParamSpec("norm.weight", (D,), FLOAT, "other", "main")]
     out += _hc_head("", cfg, "main")
-    experts = tuple(f"ffn.experts.{e}.{w}" for e in range(cfg.n_routed_experts) for w in ("w1", "w3", "w2"))
+    I = cfg.moe_inter_dim
+    experts = _Experts(tuple(f"ffn.experts.{e}.{w}" for e in range(cfg.n_routed_experts) for w in ("w1", "w3", "w2")),
+                       ((I, D), (I, D), (D, I)))
     for i in range(cfg.n_layers):
         out += _block(f"layers.{i}.", cfg, i, "main", experts)
     if include_mtp:

@@ -8,23 +8,24 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from ..checkpoint import Checkpoint, scan_checkpoint
+from ..checkpoint.scan import gc_paused
 from ..config import DSV4Config, load_config
 from ..errors import DSV4Error, PlanError
 from ..naming import CONVENTIONS, Resolver, resolve_names
-from .account import SHARED, Found, ParamPlan, Source, account, new_source
+from .account import SHARED, AnySource, Found, ParamPlan, Source, account
 from .expected import expected_params
 
 __all__ = ["Source", "ParamPlan", "LoadPlan", "build_plan"]
 
+# ParamPlan -> its spec's part / group, its scheme; whether it is a linear (has a detected scheme)
+_PART, _GROUP, _SCHEME, _QUANT = attrgetter("spec.part"), attrgetter("spec.group"), attrgetter("quant.scheme"), itemgetter(2)
 _TRANSFORMERS_HINT = ("the artifact has no mtp.* tensors although config.json declares num_nextn_predict_layers={n}; "
                       "this happens when a checkpoint is saved through transformers (which drops mtp.*) or "
                       "llm-compressor; restore the block from the original release or pass --no-mtp")
-_NAME, _DTYPE, _SHAPE, _FILE = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)   # TensorInfo fields
 
 
 @dataclass
@@ -61,9 +62,10 @@ class LoadPlan:
     def quant_report(self) -> dict[str, dict[str, str]]:
         """Scheme per quant group, separately for the trunk and for each MTP layer."""
         seen: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-        for pp in self.params.values():
-            if pp.quant is not None and pp.spec.group not in ("head",):
-                seen[pp.spec.part][pp.spec.group].add(pp.quant.scheme)
+        linears = list(filter(_QUANT, self.params.values()))             # one C pass over 35k parameters
+        for part, group, scheme in set(zip(map(_PART, linears), map(_GROUP, linears), map(_SCHEME, linears))):
+            if group != "head":
+                seen[part][group].add(scheme)
         return {part: {g: (s.pop() if len(s) == 1 else "mixed:" + "+".join(sorted(s))) for g, s in sorted(groups.items())}
                 for part, groups in sorted(seen.items(), key=lambda kv: (kv[0] != "main", kv[0]))}
 
@@ -75,18 +77,21 @@ class LoadPlan:
         for key, label in (("embed.weight", "embed"), ("head", "head")):
             pp = self.params.get(key)
             shared[label] = pp.roles["weight" if key == "head" else "tensor"].tensor if pp else None
-        complete = bool(parts) and not missing_mtp and all(
-            any(pp.spec.part == p for pp in self.params.values()) for p in parts) and not any(
+        complete = bool(parts) and not missing_mtp and parts <= self._parts() and not any(
             "mtp" in e for e in self.errors)
         return {"complete": complete, "layers": n, "shared": shared,
                 "aliases": {("embed" if k == "embed.weight" else "head"): [a.tensor for a in self.params[k].aliases]
                             for k in SHARED if k in self.params and self.params[k].aliases}}
 
+    def _parts(self) -> set[str]:
+        """The parts (``main``, ``mtp.K``) that have at least one planned parameter."""
+        return set(map(_PART, self.params.values()))
+
     def to_json(self) -> dict[str, Any]:
         ck = self.checkpoint
         return {"path": self.path, "ok": self.ok, "tensors": len(ck.tensors), "bytes": ck.total_bytes,
                 "files": len(ck.files), "naming": self.naming, "num_hidden_layers": self.cfg.n_layers,
-                "mtp_layers": len({pp.spec.part for pp in self.params.values() if pp.spec.part.startswith("mtp.")}),
+                "mtp_layers": len({p for p in self._parts() if p.startswith("mtp.")}),
                 "unmapped": self.unmapped, "missing": self.missing, "errors": self.errors,
                 "mtp": self.mtp_report(), "quant": self.quant_report(), "explained": self.explained,
                 "warnings": self.warnings}
@@ -95,6 +100,11 @@ class LoadPlan:
 def build_plan(path: str, *, cfg: DSV4Config | None = None, include_mtp: bool = True,
                checkpoint: Checkpoint | None = None) -> LoadPlan:
     """Plan the load of the artifact at ``path``. Artifact problems are collected, not raised."""
+    with gc_paused():
+        return _build(path, cfg, include_mtp, checkpoint)
+
+
+def _build(path: str, cfg: DSV4Config | None, include_mtp: bool, checkpoint: Checkpoint | None) -> LoadPlan:
     ck = checkpoint if checkpoint is not None else scan_checkpoint(path)
     cfg = cfg if cfg is not None else load_config(path)
     plan = LoadPlan(path=path, cfg=cfg, checkpoint=ck, include_mtp=include_mtp)
@@ -108,14 +118,14 @@ def build_plan(path: str, *, cfg: DSV4Config | None = None, include_mtp: bool = 
 
 
 # ---- steps ----
-def _resolve(plan: LoadPlan) -> tuple[list[Found], list[tuple[int, str, Source]], set[str] | None]:
+def _resolve(plan: LoadPlan) -> tuple[list[Found], list[tuple[int, str, AnySource]], set[str] | None]:
     """Resolve every tensor: batches renamed in bulk, ``(position, canonical, source)`` for the rest, and the
     conventions common to all names. Problems are recorded in tensor order."""
     infos = list(plan.checkpoint.tensors.values())
     resolver = Resolver(plan.cfg)
     batches, rest = resolve_names(resolver, list(plan.checkpoint.tensors))
     found: list[Found] = []
-    loose: list[tuple[int, str, Source]] = []
+    loose: list[tuple[int, str, AnySource]] = []
     notes: list[tuple[int, list, object]] = []          # (position, plan list, entry)
     common: set[str] | None = None
     for b in batches:
@@ -126,9 +136,7 @@ def _resolve(plan: LoadPlan) -> tuple[list[Found], list[tuple[int, str, Source]]
             notes += [(i, plan.explained, {"name": t.name, "file": t.file, "reason": b.rule.reason})
                       for i, t in zip(b.index, group)]
             continue
-        sources = list(map(new_source, zip(map(_NAME, group), map(_FILE, group), map(_DTYPE, group),
-                                           map(_SHAPE, group), repeat(()))))
-        found.append(Found(b.canonical, sources, b.index))
+        found.append(Found(b.canonical, group, b.index, b.text))
     for i in rest:
         info = infos[i]
         try:
@@ -147,7 +155,8 @@ def _resolve(plan: LoadPlan) -> tuple[list[Found], list[tuple[int, str, Source]]
         if res.problem:
             notes.append((i, plan.errors, f"{info.file}: {info.name}: {res.problem}"))
             continue
-        loose += [(i, p.canonical, Source(info.name, info.file, info.dtype, p.shape, p.ops)) for p in res.pieces]
+        loose += [(i, p.canonical, info if not p.ops and p.shape == info.shape else
+                   Source(info.name, info.file, info.dtype, p.shape, p.ops)) for p in res.pieces]
     notes.sort(key=itemgetter(0))
     for _, where, entry in notes:
         where.append(entry)

@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 from ..config import DSV4Config
 from ..errors import AmbiguousRuleError, TensorShapeError
+from .batch import at_least
 from .rule import Rule
 from .tables import PREFIX_ALIASES, RULES, RULES_COARSE, coarse_index
 
@@ -51,6 +52,9 @@ class Resolver:
         self._by_skeleton: dict[str, tuple[Rule, ...]] = {}
         self._coarse = RULES_COARSE if self.rules is RULES else coarse_index(self.rules)
         self._by_coarse: dict[str, tuple[Rule, ...]] = {}
+        # a main-layer name ``place_mtp`` moves into an MTP block (index >= L): at the start, after a newline
+        self.mtp_layer = re.compile(r"layers\." + at_least(cfg.n_layers) + r"\.")
+        self.mtp_layer_after_newline = re.compile(r"\nlayers\." + at_least(cfg.n_layers) + r"\.")
 
     def coarse_candidates(self, form: str) -> tuple[Rule, ...]:
         """Every rule that can match a name of coarse form ``form`` (``rule.coarse``), in table order."""
@@ -63,6 +67,11 @@ class Resolver:
     def is_template_rule(self, rule: Rule) -> bool:
         """True if ``rule.pattern`` is its template's regex (literals, digit runs and word alternations only)."""
         return id(rule) in self._coarse.templated
+
+    def targets_layer(self, rule: Rule) -> bool:
+        """True if ``rule`` is a template rule whose target starts ``layers.{layer}.``: every name it renames
+        starts ``layers.N.`` with N its captured digits, the index ``place_mtp`` reads."""
+        return id(rule) in self._coarse.templated and (rule.target or "").startswith("layers.{layer}.")
 
     def renames_to_self(self, rule: Rule) -> bool:
         """True if ``rule`` is a template rule whose target is its own template (upstream names)."""
