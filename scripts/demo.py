@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         from vllm_deepseek_v4.assets import tiny_model_path
 
-        args.model = tiny_model_path()
+        try:
+            args.model = tiny_model_path()
+        except FileNotFoundError as e:
+            print(f"demo: {e}", file=sys.stderr)
+            return 2
     spec = json.dumps({"method": "mtp", "num_speculative_tokens": args.num_speculative_tokens})
     server = Server(model=args.model, port=args.port, log_path=args.log, start_timeout_s=args.start_timeout,
                     extra_args=["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",

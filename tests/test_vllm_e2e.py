@@ -82,7 +82,8 @@ def _sharing(worker: Any) -> dict[str, bool]:
 
 def test_register_is_idempotent_lazy_and_overrides_vllms_classes():
     code = ("import sys, vllm_deepseek_v4.vllm_plugin as p; from vllm import ModelRegistry as R; "
-            "from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS as Q; p.register(); p.register(); "
+            "from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS as Q; "
+            "p.register(); p.register(); "
             "print([(R.models[a].module_name, R.models[a].class_name) for a in (p.TARGET_ARCH, p.DRAFT_ARCH)], "
             "Q.count('dsv4_plugin'), any(m.startswith('vllm_deepseek_v4.vllm_plugin.') and m.rsplit('.', 1)[1] in "
             "('model', 'mtp', 'kv', 'backend') for m in sys.modules))")

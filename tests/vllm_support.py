@@ -225,7 +225,8 @@ def diff_counters(after: dict[str, Any], before: dict[str, Any]) -> dict[str, An
 
 
 def sum_counters(items: list[dict[str, Any]], k: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "accepted_per_pos": [0] * k}
+    out: dict[str, Any] = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0,
+                           "accepted_per_pos": [0] * k}
     for it in items:
         for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
             out[key] += it[key]
@@ -239,4 +240,5 @@ def cfg_of(path: Path | str) -> DSV4Config:
 
 
 __all__ = ["PROMPTS", "agreeable", "on_disk_tensors", "write_model", "seeded_model", "reference_model", "greedy",
-           "replay_acceptance", "make_llm", "engine", "on_worker", "generate", "spec_counters", "diff_counters", "sum_counters", "cfg_of"]
+           "replay_acceptance", "make_llm", "engine", "on_worker", "generate", "spec_counters", "diff_counters",
+           "sum_counters", "cfg_of"]
