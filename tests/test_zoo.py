@@ -25,6 +25,7 @@ from vllm_deepseek_v4.cli.main import main as dsv4_main
 from vllm_deepseek_v4.errors import AliasMismatchError, PlanError
 from vllm_deepseek_v4.loader.load import load_model
 from vllm_deepseek_v4.loader.plan import build_plan
+from vllm_deepseek_v4.model.speculative import speculative_generate
 from vllm_deepseek_v4.quant.numerics import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -180,7 +181,7 @@ def test_nvfp4_tensors_are_compressed_tensors_output_and_match_our_quantizer(zoo
     assert torch.equal(disk[stem + "weight_global_scale"], ours["weight_global_scale"])
 
 
-def test_equivalent_layouts_give_bit_identical_main_and_draft_logits(zoo):
+def test_equivalent_layouts_give_bit_identical_logits_and_identical_speculative_runs(zoo):
     _, out, _ = zoo
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
     results = []
@@ -189,9 +190,11 @@ def test_equivalent_layouts_give_bit_identical_main_and_draft_logits(zoo):
         with torch.no_grad():
             main, hidden = model(ids)
             draft, _ = model.forward_mtp(hidden[:, :-1], ids[:, 1:], model.new_mtp_state())
-        results.append((name, main, draft))
-    for name, main, draft in results[1:]:
+        tokens, stats = speculative_generate(model, ids[:, :24], 12, 2)
+        results.append((name, main, draft, tokens, stats.rounds))
+    for name, main, draft, tokens, rounds in results[1:]:
         assert torch.equal(main, results[0][1]) and torch.equal(draft, results[0][2]), name
+        assert tokens == results[0][3] and rounds == results[0][4], name
 
 
 # ---- the loader never produces a draft without the shared head ----
