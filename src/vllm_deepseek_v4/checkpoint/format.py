@@ -10,8 +10,8 @@ import math
 import struct
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain, repeat
-from operator import itemgetter, sub
+from itertools import chain, compress, repeat
+from operator import is_, itemgetter, sub
 from typing import Final, NamedTuple
 
 from vllm_deepseek_v4.errors import CheckpointError
@@ -154,7 +154,7 @@ def _entry(path: str, rel: str, name: str, entry: object, data_len: int) -> Tens
     return TensorInfo(name, dtype, tuple(shape), rel, start, end)
 
 
-_FIELDS = itemgetter("dtype", "shape", "data_offsets")
+_DTYPE, _SHAPE, _OFFSETS = itemgetter("dtype"), itemgetter("shape"), itemgetter("data_offsets")
 _SPAN = itemgetter(4, 5)                       # (start, end) of a TensorInfo: the data order
 _KNOWN_DTYPES = frozenset(DTYPE_BITS)
 _NBYTES, _KIND_DTYPE, _KIND_SHAPE = itemgetter(0), itemgetter(1), itemgetter(2)
@@ -174,30 +174,30 @@ def _bulk_entries(rel: str, header: dict[str, object], data_len: int,
     if not entries:
         return None
     try:                                        # JSON values: only an object takes a string subscript
-        dtypes, shapes, offsets = zip(*map(_FIELDS, entries))
-        if not _KNOWN_DTYPES.issuperset(dtypes):
+        dtypes, shapes = list(map(_DTYPE, entries)), list(map(_SHAPE, entries))
+        offsets = list(map(_OFFSETS, entries))
+        if not _KNOWN_DTYPES.issuperset(dtypes) or set(map(type, shapes)) != {list} or set(map(len, offsets)) != {2}:
             return None
-    except (KeyError, TypeError):               # not an object, a missing field, or an unhashable dtype
+    except (KeyError, TypeError):               # not an object, a missing field, an unhashable dtype, no len
         return None
-    if set(map(type, chain(shapes, offsets))) != {list} or set(map(len, offsets)) != {2}:
+    offs = list(chain.from_iterable(offsets))                 # s0 e0 s1 e1 ...
+    # every number an exact ``int`` (bools and floats excluded), so equal shapes below are identical shapes
+    if set(map(type, offs)) != {int} or not {int}.issuperset(map(type, chain.from_iterable(shapes))):
         return None
-    nums = list(chain.from_iterable(chain(shapes, offsets)))
-    # exact ``int`` (bools and floats excluded), so equal shapes below are identical shapes
-    if set(map(type, nums)) != {int} or min(nums) < 0:
-        return None
-    offs = nums[len(nums) - 2 * len(offsets):]               # s0 e0 s1 e1 ...
     starts, ends = offs[0::2], offs[1::2]
     kinds = list(zip(dtypes, map(tuple, shapes)))
-    for kind in set(kinds).difference(shared):  # few distinct (dtype, shape) pairs
-        bits = math.prod(kind[1]) * DTYPE_BITS[kind[0]]
-        if bits % 8:
-            return None
-        shared[kind] = (bits // 8,) + kind      # (bytes, dtype, shape): one dtype string, one shape tuple
-    rows = list(map(shared.__getitem__, kinds))
+    rows = list(map(shared.get, kinds))         # (bytes, dtype, shape), one object per kind
+    if None in rows:
+        for kind in set(compress(kinds, map(is_, rows, repeat(None)))):      # kinds not seen yet: few
+            if min(kind[1], default=0) < 0 or math.prod(kind[1]) * DTYPE_BITS[kind[0]] % 8:
+                return None
+            shared[kind] = (math.prod(kind[1]) * DTYPE_BITS[kind[0]] // 8,) + kind
+        rows = list(map(shared.__getitem__, kinds))
     if list(map(sub, ends, starts)) != list(map(_NBYTES, rows)) or max(ends) > data_len:
         return None
     infos = list(map(_new_info, zip(header, map(_KIND_DTYPE, rows), map(_KIND_SHAPE, rows), repeat(rel), starts, ends)))
-    # tiled in header order (e_i == s_(i+1)): then header order is the data order too (sizes are >= 0)
+    # tiled from 0 in header order (e_i == s_(i+1), sizes >= 0): offsets are >= 0, and header order is
+    # the data order too
     if offs[0] == 0 and offs[-1] == data_len and offs[1:-1:2] == offs[2::2]:
         return infos
     infos.sort(key=_SPAN)

@@ -100,7 +100,7 @@ class _Role:
     role: str
     modules: list[str]
     found: Found
-    module_set: frozenset[str]
+    modules_text: str                                           # "\n".join(modules)
     by_module: dict[str, int] = field(default_factory=dict)     # module -> position, built when needed
 
     def positions(self, modules: list[str]) -> list[int]:
@@ -122,14 +122,15 @@ def account(plan: LoadPlan, specs: list[ParamSpec], batches: list[Found], loose:
     bulk: list[_Role] = []
     slow = list(loose)
     for b in batches:
-        item = _as_role(b, plain if plain_like_role else {}, linear)
+        item = _as_role(b, plain if plain_like_role else {})
         if item is None:
             slow += zip(b.index, b.canonical, b.sources)
         else:
             bulk.append(item)
+    families = _families(bulk, linear, slow)
     cells = []
     slow_modules = {module for module, _, role in (canon.rpartition(".") for _, canon, _ in slow) if role in _ROLES}
-    for modules, items in _cells(bulk):
+    for modules, items in _cells(families):
         # a role twice (one name filled twice), or a module with roles from the slow path too:
         # those modules go to the slow path whole, which reports or aliases them
         moved = set(modules) if len({it.role for it in items}) < len(items) else slow_modules.intersection(modules)
@@ -166,7 +167,8 @@ def account(plan: LoadPlan, specs: list[ParamSpec], batches: list[Found], loose:
     for module in filter(by_module.__contains__, linear):
         _slow_module(module, linear[module], by_module[module], kinds, made, errors)
 
-    if None in made.values():                   # errors, or missing: neither planned nor reported
+    # every module is filled unless one is reported (errors) or no tensor names it at all (missing)
+    if errors or sum(len(modules) for modules, _ in cells) + len(by_module) < len(linear):
         unfilled = [m for m, pp in made.items() if pp is None]
         covered = set(by_module).union(*(modules for modules, _ in cells))
         plan.missing += [{"param": f"{m}.weight", "reason": _missing_reason(m)}
@@ -180,8 +182,9 @@ def account(plan: LoadPlan, specs: list[ParamSpec], batches: list[Found], loose:
 
 
 # ---- bulk path ----
-def _as_role(b: Found, plain: dict[str, ParamSpec], linear: dict[str, ParamSpec]) -> _Role | None:
-    """The batch as one role of distinct expected linear modules, or None if any name in it is something else."""
+def _as_role(b: Found, plain: dict[str, ParamSpec]) -> _Role | None:
+    """The batch as one role of a list of modules (``modules_text``; ``_families`` splits it), or None if any
+    name in it is something else."""
     canon = b.canonical
     if not canon:
         return None
@@ -191,20 +194,35 @@ def _as_role(b: Found, plain: dict[str, ParamSpec], linear: dict[str, ParamSpec]
     end = "." + role
     text = b.text
     # each "\n" ends one name: every name ends with .role
-    if not text.endswith(end) or text.count(end + "\n") != len(canon) - 1:
+    if not text.endswith(end) or text.count(end + "\n") != len(canon) - 1 or not plain.keys().isdisjoint(canon):
         return None
-    modules = text.replace(end + "\n", "\n")[:-len(end)].split("\n")
-    if not plain.keys().isdisjoint(canon) or not all(map(linear.__contains__, modules)):
-        return None
-    item = _Role(role, modules, b, frozenset(modules))
-    return item if len(item.module_set) == len(modules) else None      # else a name twice in the batch
+    return _Role(role, [], b, text.replace(end + "\n", "\n")[:-len(end)])
 
 
-def _cells(bulk: list[_Role]) -> list[tuple[list[str], list[_Role]]]:
-    """Partition the modules by which batches fill them: within a cell every module has the same roles."""
-    families: dict[frozenset[str], list[_Role]] = {}
+def _families(bulk: list[_Role], linear: dict[str, ParamSpec],
+              slow: list[tuple[int, str, AnySource]]) -> dict[frozenset[str], list[_Role]]:
+    """Batches by the set of modules they fill, each module an expected linear, once per batch; batches that
+    fail this go to ``slow``. Roles of one module list (weight, scale) usually list it in the same order."""
+    by_text: dict[str, list[_Role]] = {}
     for item in bulk:
-        families.setdefault(item.module_set, []).append(item)
+        by_text.setdefault(item.modules_text, []).append(item)
+    families: dict[frozenset[str], list[_Role]] = {}
+    for text, items in by_text.items():
+        modules = text.split("\n")             # once for all roles of one module list
+        module_set = frozenset(modules)
+        if len(module_set) < len(modules) or not linear.keys() >= module_set:
+            for it in items:                    # a name twice in the batch, or not a linear's role
+                f = it.found
+                slow += zip(f.index, f.canonical, f.sources)
+            continue
+        for it in items:
+            it.modules = modules                # one list for all: the same order
+        families.setdefault(module_set, []).extend(items)
+    return families
+
+
+def _cells(families: dict[frozenset[str], list[_Role]]) -> list[tuple[list[str], list[_Role]]]:
+    """Partition the modules by which batches fill them: within a cell every module has the same roles."""
     sets = list(families)
     if sum(map(len, sets)) == len(set().union(*sets)):         # disjoint: the usual case
         return [(items[0].modules, items) for items in families.values()]
@@ -259,8 +277,19 @@ def _bulk_cell(modules: list[str], items: list[_Role], linear: dict[str, ParamSp
             errors += [(modules[i], _classify_error(modules[i], specs[i], items, cols, i)) for i in pick]
             continue
         sel = (lambda xs: xs) if qs is None else (lambda xs: list(map(xs.__getitem__, pick)))
-        dicts = map(dict, map(zip, repeat(tuple(q.roles)), zip(*[sel(col_of[s]) for s in q.roles.values()])))
+        dicts = _role_dicts(tuple(q.roles), [sel(col_of[s]) for s in q.roles.values()])
         made.update(zip(sel(modules), map(_new_param, zip(sel(specs), dicts, repeat(q), repeat(())))))
+
+
+def _role_dicts(roles: tuple[str, ...], cols: list[list[AnySource]]) -> list[dict[str, AnySource]]:
+    """``{roles[j]: cols[j][i]}`` for every i; one or two roles (most schemes) as dict displays, 3x faster."""
+    if len(roles) == 1:
+        (r,), (col,) = roles, cols
+        return [{r: a} for a in col]
+    if len(roles) == 2:
+        r1, r2 = roles
+        return [{r1: a, r2: b} for a, b in zip(*cols)]
+    return list(map(dict, map(zip, repeat(roles), zip(*cols))))
 
 
 def _classify_error(module: str, spec: ParamSpec, items: list[_Role], cols: list[list[AnySource]], i: int) -> str:
