@@ -3,9 +3,11 @@
 - Rollback: a random model (its draft rejects almost everything) over sequences that cross many compressor
   windows (ratios 4 and 8) and the 8-token sliding window: greedy output with k = 1, 2 == without
   speculation == our portable greedy decode, with 4 concurrent requests.
-- Acceptance: a model whose MTP is a good-but-imperfect draft (``vllm_support.agreeable``), in every artifact
-  layout the loader accepts (naming conventions, duplicated aliases, quantised trunks and drafts): the output
-  equals the reference and vLLM's spec-decode counters equal an offline replay of the same speculation.
+- Acceptance: a model whose MTP is a good-but-imperfect draft (``vllm_support.agreeable``), written in every
+  zoo layout with an MTP block (``scripts/build_zoo.py``: upstream BF16 / FP8+MXFP4, HF names, compressed-tensors
+  NVFP4 trunk with BF16 or NVFP4 MTP, ModelOpt mixed, W4A16, duplicated head/embed, vLLM-internal), k = 1 and 2:
+  the output equals the reference and vLLM's spec-decode counters equal an offline replay of the same
+  speculation.
 - Quantised drafts use the schemes detected for their own modules; the target keeps its own.
 - Sharing: the draft computes with the target's embed/head after vLLM's proposer shares them, and its
   per-parameter check refuses a head that is not the checkpoint's.
@@ -14,17 +16,17 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
-import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 import vllm_support as vs
-from artifacts import NATIVE
 from vllm_deepseek_v4.errors import MTPLayoutError
 
 pytestmark = pytest.mark.slow
@@ -134,36 +136,26 @@ def test_full_acceptance_when_the_draft_agrees_and_head_is_only_at_top_level(tmp
     assert counters == vs.sum_counters([vs.replay_acceptance(ref, p, w, 2, N) for p, w in zip(vs.PROMPTS, want)], 2)
 
 
-# ---- acceptance in every layout ----
-def _dup_aliases(t: dict[str, torch.Tensor]) -> None:
-    t["mtp.0.head.weight"] = t["head.weight"].float()           # an fp32 copy of the shared head
-    t["mtp.0.emb.tok_emb.weight"] = t["embed.weight"].clone()
+# ---- acceptance in every zoo layout ----
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import build_zoo  # noqa: E402  (scripts/build_zoo.py: every layout users meet, in its real producer's format)
 
-
-NVFP4_CT = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "ignore": ["lm_head", "re:.*mtp.*"],
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float"}}}}
-FP8 = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
-NV_TRUNK = {"attn": "nvfp4", "indexer": "nvfp4", "shared_experts": "nvfp4", "experts": "nvfp4"}
-LAYOUTS: dict[str, dict[str, Any]] = {
-    "upstream": {},
-    "hf": {"convention": "hf"},
-    "vllm_internal": {"convention": "vllm"},
-    "duplicated_aliases": {"edit": _dup_aliases},
-    "native_fp8_mxfp4": {"schemes": NATIVE, "quantization_config": FP8},
-    "nvfp4_trunk_bf16_mtp": {"schemes": {"main": NV_TRUNK}, "quantization_config": NVFP4_CT},
-    "nvfp4_mtp": {"schemes": {"main": NV_TRUNK, "mtp.0": {"attn": "nvfp4", "experts": "nvfp4",
-                                                          "shared_experts": "nvfp4", "e_proj": "nvfp4"}}},
-    "mxfp4_mtp": {"schemes": {"main": {"experts": "w4a16"}, "mtp.0": {"experts": "mxfp4", "h_proj": "fp8_block"}}},
-}
+ZOO = [name for name, layout in build_zoo.LAYOUTS.items() if layout.has_mtp]
 
 
 @pytest.fixture(scope="module")
 def layout_artifacts(tmp_path_factory):
+    """The zoo built from one seeded model whose MTP is a good-but-imperfect draft; layouts made on demand."""
+    src = vs.write_model(tmp_path_factory.mktemp("zoo_src"), vs.seeded_model(1, agree=0.15))
+    floats, raw_cfg, cfg = build_zoo.read_source(str(src))
+    out = tmp_path_factory.mktemp("zoo")
     cache: dict[str, Any] = {}
 
     def get(name: str):
         if name not in cache:
-            path = vs.write_model(tmp_path_factory.mktemp(name), vs.seeded_model(1, agree=0.15), **LAYOUTS[name])
+            path = out / name
+            build_zoo.write_layout(path, name, floats, raw_cfg, cfg)
+            build_zoo.check_layout(path, name, load=False)
             cache[name] = (path, *expected(path))
         return cache[name]
     return get
@@ -179,8 +171,8 @@ def _schemes(worker: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_serves_with_reference_output_and_replayed_acceptance(layout_artifacts, layout, k):
+@pytest.mark.parametrize("layout", ZOO)
+def test_zoo_layout_serves_with_reference_output_and_replayed_acceptance(layout_artifacts, layout, k):
     path, want, ref = layout_artifacts(layout)
     with vs.engine(path, k) as llm:
         before = vs.spec_counters(llm)
@@ -191,8 +183,9 @@ def test_layout_serves_with_reference_output_and_replayed_acceptance(layout_arti
     replay = vs.sum_counters([vs.replay_acceptance(ref, p, w, k, N) for p, w in zip(vs.PROMPTS, want)], k)
     assert counters == replay
     assert 0 < counters["num_accepted_tokens"] < counters["num_draft_tokens"]
-    written = LAYOUTS[layout].get("schemes", {})
-    main, mtp = written.get("main", {}), written.get("mtp.0", {})
+    quant = build_zoo.LAYOUTS[layout].quant
+    main = {g: scheme for g, (scheme, _) in quant.get("main", {}).items()}
+    mtp = {g: scheme for g, (scheme, _) in quant.get("mtp.0", {}).items()}
     assert schemes["target_groups"] == {g: main.get(g, "bf16") for g in schemes["target_groups"]}
     assert schemes["draft_groups"]["mtp.0"] == {g: mtp.get(g, "bf16") for g in schemes["draft_groups"]["mtp.0"]}
     L = vs.cfg_of(path).n_layers
@@ -200,14 +193,14 @@ def test_layout_serves_with_reference_output_and_replayed_acceptance(layout_arti
                           ("shared_experts", "ffn.shared_experts.w1")):
         assert schemes["target"][f"layers.1.{module}"] == main.get(group, "bf16")
         assert schemes["draft"][f"layers.{L}.block.{module}"] == mtp.get(group, "bf16")
-    if "quantization_config" in LAYOUTS[layout]:
+    if build_zoo.LAYOUTS[layout].qconfig:
         assert schemes["quant_config"] == "DSV4PluginQuantConfig"
 
 
 def test_preempted_requests_recompute_to_the_reference_output(layout_artifacts):
     """Four ~250-token prompts cross the 256-token block while the pool has too few blocks: vLLM preempts
     and later recomputes requests; every compressed entry and window row is rebuilt from positions."""
-    path, _, ref = layout_artifacts("upstream")
+    path, _, ref = layout_artifacts("upstream_bf16")
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 512, (240 + 3 * i,), generator=g).tolist() for i in range(4)]
     want = [vs.greedy(ref, p, N) for p in prompts]
@@ -227,7 +220,7 @@ def test_tensor_parallel_2_runs_with_every_rank_replicating_the_model(layout_art
         pytest.skip(f"tensor_parallel_size=2 needs two CPUs to bind its workers to; this process may use {cpus}")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    path, want, ref = layout_artifacts("upstream")
+    path, want, ref = layout_artifacts("upstream_bf16")
     with vs.engine(path, 2, tensor_parallel_size=2) as llm:
         got = vs.generate(llm, vs.PROMPTS, N)
         counters = vs.spec_counters(llm)
