@@ -98,7 +98,7 @@ def prompts_from_corpus(docs: Iterable[str], *, n: int, chars: int = 320) -> lis
 # --- one server configuration -------------------------------------------------------------------------------
 def run_config(path: str, k: int | None, prompts: list[str], temperatures: list[float], args: Any,
                log_dir: str, bar: Any) -> dict[str, Any]:
-    from .serve_client import Server
+    from .serve_client import Server, small_cpu_env
     extra = args.serve_args.split()
     if k is not None:
         extra += ["--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": k})]
@@ -106,7 +106,7 @@ def run_config(path: str, k: int | None, prompts: list[str], temperatures: list[
     result: dict[str, Any] = {"k": k, "by_temperature": {}}
     cmd = args.server_cmd.split() if getattr(args, "server_cmd", None) else None
     with Server(path, extra, log_path=os.path.join(log_dir, f"serve_{tag}.log"),
-                start_timeout_s=args.start_timeout, cmd=cmd) as server:
+                start_timeout_s=args.start_timeout, cmd=cmd, env=small_cpu_env()) as server:
         server.complete(prompts[0], max_tokens=4, temperature=0.0, timeout=args.request_timeout)   # warm-up
         for temp in temperatures:
             before = server.spec_counters()

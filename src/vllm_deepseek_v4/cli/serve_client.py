@@ -80,6 +80,16 @@ class SpecCounters:
                 "acceptance_rate": rate, "per_position": per_pos, "mean_acceptance_length": mean_len}
 
 
+# For a small model on a small CPU box: 1 GiB of KV cache (vLLM's default reserves 4 GiB and refuses to start
+# when free memory is short) and one OpenMP thread per process (spinning threads only slow a tiny model down).
+# Values already in the environment win.
+SMALL_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def small_cpu_env() -> dict[str, str]:
+    return {k: os.environ.get(k, v) for k, v in SMALL_CPU_ENV.items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
