@@ -183,3 +183,14 @@ def test_the_flash_layout_takes_the_bulk_paths_throughout(flash_dir, monkeypatch
     monkeypatch.setattr(account_mod, "_slow_module", lambda module, *args: slow.append(module))
     plan = build_plan(str(flash_dir), checkpoint=ck)
     assert slow == [] and not plan.errors and not plan.missing and len(plan.params) == 35_020
+
+
+@pytest.mark.parametrize("n", [0, 1, 9, 10, 43, 61, 99, 100, 128])
+def test_at_least_matches_exactly_the_digit_runs_worth_n_or_more(n):
+    import re
+
+    from vllm_deepseek_v4.naming.batch import at_least
+    rx = re.compile(at_least(n) + r"\Z")
+    for v in range(0, 1200):
+        for s in (str(v), "0" + str(v), "00" + str(v)):
+            assert bool(rx.match(s)) == (v >= n), (n, s)

@@ -161,8 +161,11 @@ _NBYTES, _KIND_DTYPE, _KIND_SHAPE = itemgetter(0), itemgetter(1), itemgetter(2)
 _new_info = partial(tuple.__new__, TensorInfo)
 
 
+_Kind = tuple[str, tuple[int, ...]]            # (dtype, shape)
+
+
 def _bulk_entries(rel: str, header: dict[str, object], data_len: int,
-                  shared: dict[tuple[str, tuple[int, ...]], tuple[int, str, tuple[int, ...]]]) -> list[TensorInfo] | None:
+                  shared: dict[_Kind, tuple[int, str, tuple[int, ...]]]) -> list[TensorInfo] | None:
     """All of ``_entry`` and ``_check_tiling`` in whole-header passes that run in C; None if anything is off.
 
     Only an accelerator: None hands the header to the per-entry checks, which name the first bad tensor.

@@ -109,7 +109,8 @@ class _Role:
         return list(map(self.by_module.__getitem__, modules))
 
 
-def account(plan: LoadPlan, specs: list[ParamSpec], batches: list[Found], loose: list[tuple[int, str, AnySource]]) -> None:
+def account(plan: LoadPlan, specs: list[ParamSpec], batches: list[Found],
+            loose: list[tuple[int, str, AnySource]]) -> None:
     """Fill ``plan.params`` / ``missing`` / ``errors`` / ``unmapped`` / ``explained`` from resolved tensors.
 
     ``loose``: ``(tensor position, canonical name, source)`` for tensors resolved one by one.
@@ -117,7 +118,8 @@ def account(plan: LoadPlan, specs: list[ParamSpec], batches: list[Found], loose:
     is_linear = list(map(LINEAR.__eq__, map(_KIND, specs)))
     plain = dict(compress(zip(map(_NAME, specs), specs), map(not_, is_linear)))
     linear = dict(compress(zip(map(_NAME, specs), specs), is_linear))
-    # a plain name spelled like a linear's role (module.weight) would need checking name by name; none is
+    # only a plain parameter named like a linear's role (<linear>.weight) could hide in a batch of linear
+    # roles; then batches are checked against the plain names (no DSv4 parameter is named so)
     plain_like_role = any(p.rpartition(".")[2] in _ROLES and p.rpartition(".")[0] in linear for p in plain)
     bulk: list[_Role] = []
     slow = list(loose)
@@ -138,7 +140,8 @@ def account(plan: LoadPlan, specs: list[ParamSpec], batches: list[Found], loose:
             for it in items:
                 pos = it.positions(sorted(moved))
                 f = it.found
-                slow += zip(map(f.index.__getitem__, pos), map(f.canonical.__getitem__, pos), map(f.sources.__getitem__, pos))
+                slow += zip(map(f.index.__getitem__, pos), map(f.canonical.__getitem__, pos),
+                            map(f.sources.__getitem__, pos))
             modules = [m for m in modules if m not in moved]
         if modules:
             cells.append((modules, items))

@@ -22,7 +22,8 @@ from .expected import expected_params
 __all__ = ["Source", "ParamPlan", "LoadPlan", "build_plan"]
 
 # ParamPlan -> its spec's part / group, its scheme; whether it is a linear (has a detected scheme)
-_PART, _GROUP, _SCHEME, _QUANT = attrgetter("spec.part"), attrgetter("spec.group"), attrgetter("quant.scheme"), itemgetter(2)
+_PART, _GROUP = attrgetter("spec.part"), attrgetter("spec.group")
+_SCHEME, _QUANT = attrgetter("quant.scheme"), itemgetter(2)
 _TRANSFORMERS_HINT = ("the artifact has no mtp.* tensors although config.json declares num_nextn_predict_layers={n}; "
                       "this happens when a checkpoint is saved through transformers (which drops mtp.*) or "
                       "llm-compressor; restore the block from the original release or pass --no-mtp")

@@ -1,12 +1,13 @@
 """Resolve a whole checkpoint's names at once, with the same answers as ``Resolver.resolve`` name by name.
 
 69,187 names at a few microseconds each would dominate planning. Instead names are grouped by their form
-with digits blanked (one string pass over all names); the rules that can match a group are looked up from
-the templates' coarse forms (``rule.coarse``); and a group whose only candidate is a plain rename is matched
-by one regex pass over the group's names joined by newlines. The match count proves every name matched, and
-no other rule can match any of them, so each name resolves to exactly that rule. Anything else (no or
-several candidates, a name the rule does not match, fused tensors cut into slices, an MTP-only name below
-layer L) is left to ``Resolver.resolve`` name by name.
+with digits blanked (one bytes pass over all names), and the rules that can match a group are looked up
+from the templates' coarse forms (``rule.coarse``): no other rule can match any name of the group. If one
+rule is left, names of one form differ only in their digits, so the rule is matched against one name per
+spelling and the rest is checked column by column (``_matched_parts``); upstream names are their own
+canonical names, other plain renames are one ``findall`` per group. Anything else (no or several
+candidates, a name the rule does not match, fused tensors cut into slices, an MTP-only name below layer L)
+is left to ``Resolver.resolve`` name by name; tests/test_plan_bulk.py checks both ways agree.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from typing import Iterator, Sequence
 from .rule import Rule, coarse
 from .tables import PREFIX_ALIASES
 
-__all__ = ["Batch", "resolve_names", "positional_target"]
+__all__ = ["Batch", "resolve_names", "positional_target", "at_least"]
 
+_BLANK = bytes.maketrans(b"0123456789", b"#" * 10)     # every digit as "#": the group key
+_MAY_DIFFER = frozenset("0123456789#")                  # characters a digit-blanked form does not pin down
 
 
 @dataclass(slots=True)
@@ -99,7 +102,7 @@ def _batch(resolver, rule: Rule, index: list[int], keys: list[str], lines: str) 
         if fmt is None:
             return None
         # "\n" + the pattern + a newline ahead matches exactly one whole line, like ^...$ on the name alone
-        found = re.compile("\n" + rule.pattern.pattern[1:-1] + "(?=\n)").findall("\n" + "\n".join(keys) + "\n")
+        found = re.compile("\n" + rule.pattern.pattern[1:-1] + "(?=\n)").findall("\n" + lines + "\n")
         if len(found) != len(keys):
             return None
         if not rule.pattern.groups:
@@ -170,10 +173,6 @@ def _free_columns(rule: Rule, name: str) -> set[int] | None:
         if f"(?P<{group}>\\d+)" in rule.pattern.pattern and m.start(group) >= 0:
             free.update(range(*m.span(group)))
     return free
-
-
-_BLANK = bytes.maketrans(b"0123456789", b"#" * 10)     # as ``rule.blank_digits``, on bytes
-_MAY_DIFFER = frozenset("0123456789#")                  # characters a digit-blanked form does not pin down
 
 
 def at_least(n: int) -> str:

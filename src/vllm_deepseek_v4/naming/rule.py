@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass, field
 from itertools import product
 
-__all__ = ["Rule", "Unfuse", "ROLE_SUFFIXES", "template_regex", "template_coarse", "template_fields", "coarse", "blank_digits", "CONVENTIONS"]
+__all__ = ["Rule", "Unfuse", "ROLE_SUFFIXES", "template_regex", "template_coarse", "template_fields", "coarse",
+           "CONVENTIONS"]
 
 CONVENTIONS = ("upstream", "hf", "vllm", "nemo")
 
@@ -26,11 +27,6 @@ _GROUPS = {"L": "layer", "K": "mtp", "E": "expert", "Q": "role"}     # the group
 _COARSE_WORDS = {"L": ("#",), "K": ("#",), "E": ("#",), "Q": ROLE_SUFFIXES}
 _FIELD = re.compile(r"\{(\w+)(?::([\w|.]+))?\}")
 _DIGITS = str.maketrans("0123456789", "#" * 10)
-
-
-def blank_digits(text: str) -> str:
-    """Every ASCII digit as ``#`` (one C pass, also over many names joined by newlines)."""
-    return text.translate(_DIGITS)
 
 
 def coarse(text: str) -> str:
