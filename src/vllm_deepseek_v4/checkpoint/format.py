@@ -188,10 +188,10 @@ def _bulk_entries(rel: str, header: dict[str, object], data_len: int,
     if set(map(type, offs)) != {int} or not {int}.issuperset(map(type, chain.from_iterable(shapes))):
         return None
     starts, ends = offs[0::2], offs[1::2]
-    kinds = list(zip(dtypes, map(tuple, shapes)))
-    rows = list(map(shared.get, kinds))         # (bytes, dtype, shape), one object per kind
-    if None in rows:
-        for kind in set(compress(kinds, map(is_, rows, repeat(None)))):      # kinds not seen yet: few
+    rows = list(map(shared.get, zip(dtypes, map(tuple, shapes))))     # (bytes, dtype, shape) per kind
+    if None in rows:                            # kinds not seen yet (first file, mostly): few
+        kinds = list(zip(dtypes, map(tuple, shapes)))
+        for kind in set(compress(kinds, map(is_, rows, repeat(None)))):
             if min(kind[1], default=0) < 0 or math.prod(kind[1]) * DTYPE_BITS[kind[0]] % 8:
                 return None
             shared[kind] = (math.prod(kind[1]) * DTYPE_BITS[kind[0]] // 8,) + kind

@@ -101,6 +101,7 @@ class _Role:
     modules: list[str]
     found: Found
     modules_text: str                                           # "\n".join(modules)
+    specs: list[ParamSpec] = field(default_factory=list)        # of ``modules``
     by_module: dict[str, int] = field(default_factory=dict)     # module -> position, built when needed
 
     def positions(self, modules: list[str]) -> list[int]:
@@ -213,13 +214,14 @@ def _families(bulk: list[_Role], linear: dict[str, ParamSpec],
     for text, items in by_text.items():
         modules = text.split("\n")             # once for all roles of one module list
         module_set = frozenset(modules)
-        if len(module_set) < len(modules) or not linear.keys() >= module_set:
+        specs = list(map(linear.get, modules))
+        if len(module_set) < len(modules) or None in specs:
             for it in items:                    # a name twice in the batch, or not a linear's role
                 f = it.found
                 slow += zip(f.index, f.canonical, f.sources)
             continue
         for it in items:
-            it.modules = modules                # one list for all: the same order
+            it.modules, it.specs = modules, specs   # one list for all: the same order
         families.setdefault(module_set, []).extend(items)
     return families
 
@@ -253,7 +255,7 @@ def _bulk_cell(modules: list[str], items: list[_Role], linear: dict[str, ParamSp
     cols = [it.found.sources if it.modules is modules or it.modules == modules else
             list(map(it.found.sources.__getitem__, it.positions(modules))) for it in items]
     roles = [it.role for it in items]
-    specs = list(map(linear.__getitem__, modules))
+    specs = items[0].specs if items[0].modules is modules else list(map(linear.__getitem__, modules))
     by_role = sorted(range(len(roles)), key=roles.__getitem__)
     # one flat tuple per module: (logical shape, dtype and shape of each role in role order)
     def keys():
