@@ -132,12 +132,16 @@ def plan_steps(d: str, repeat: int) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    if args.artifact:
+        return measure(args.artifact, args)
+    with tempfile.TemporaryDirectory(prefix="flash-") as d:
+        subprocess.run([sys.executable, INVENTORY, "sparse", "flash", d], check=True, capture_output=True)
+        return measure(d, args)
+
+
+def measure(d: str, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     from vllm_deepseek_v4.checkpoint import scan_checkpoint
     from vllm_deepseek_v4.loader import build_plan
-    d = args.artifact
-    if not d:
-        d = tempfile.mkdtemp(prefix="flash-")
-        subprocess.run([sys.executable, INVENTORY, "sparse", "flash", d], check=True, capture_output=True)
     plan = build_plan(d)
     assert plan.ok, plan.problems()[:5]
     n = len(plan.checkpoint.tensors)
