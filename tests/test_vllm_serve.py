@@ -38,7 +38,8 @@ def test_vllm_serve_with_mtp_answers_over_http_and_stops_by_pid(tmp_path):
     server = Server(model=str(path), log_path=str(tmp_path / "serve.log"), start_timeout_s=600,
                     extra_args=["--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
                                 "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}'],
-                    env={"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+                    env={"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+                         "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})            # vLLM's default engine process
     with server:
         pid = server.proc.pid
         name = server.served_model()

@@ -1,7 +1,8 @@
 """Helpers for the vLLM plugin tests: seeded tiny artifacts in any layout, our portable reference (greedy
 decode and an offline replay of vLLM's greedy MTP speculation), and in-process ``LLM`` engines.
 
-Import this module before vLLM: it sets the environment the in-process engine needs.
+Import this module before vLLM (it sets the HF offline switches); the in-process engine's vLLM variables
+(``ENGINE_ENV``) are set only while an engine starts.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import Any
 
 import torch
 
-for _k, _v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-               "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
+# Only while an in-process engine starts (so `vllm serve` children of other tests keep vLLM's defaults).
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 from artifacts import to_convention, write_artifact  # noqa: E402
 from tiny import make_config, make_model  # noqa: E402
@@ -159,6 +161,25 @@ def replay_acceptance(model: DSV4Model, prompt: list[int], greedy_tokens: list[i
 # ---- vLLM ----
 def make_llm(path: Path | str, k: int = 0, **kwargs: Any) -> Any:
     """An in-process engine on our plugin (eager, fp32, no tokenizer), MTP speculation with ``k`` drafts."""
+    with _env(ENGINE_ENV):
+        return _make_llm(path, k, **kwargs)
+
+
+@contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _make_llm(path: Path | str, k: int, **kwargs: Any) -> Any:
     from vllm import LLM
 
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
