@@ -37,10 +37,8 @@ def load_model(path: str, *, dtype: "torch.dtype | None" = None, include_mtp: bo
                progress: bool = True, plan: LoadPlan | None = None) -> tuple["DSV4Model", LoadPlan]:
     """Return the filled model and its plan. Raises ``PlanError`` before reading anything if the plan is bad."""
     import torch
-    from torch import nn
 
     from ..model import build_model
-    from ..model.linear import QLinear
 
     plan = plan or build_plan(path, include_mtp=include_mtp)
     plan.raise_if_bad()
@@ -51,21 +49,34 @@ def load_model(path: str, *, dtype: "torch.dtype | None" = None, include_mtp: bo
     model = build_model(cfg, schemes=schemes_from_plan(plan), dtype=dtype, device="meta")
     modules = dict(model.named_modules())
     for key, t in iter_plan_tensors(plan, progress=progress):
-        owner_path, _, attr = key.rpartition(".")          # "" is the root module (hc_head_fn, ...)
-        owner = modules.get(owner_path)
-        if owner is None:
-            raise MissingTensorError(file=plan.path, tensor=key, hint="the model has no module for this planned tensor")
-        if isinstance(owner, QLinear) and attr in REQUIRED_ROLES[owner.scheme] | OPTIONAL_ROLES[owner.scheme]:
-            owner.set_role(attr, t.to(dtype) if owner.scheme == "bf16" else t)
-            continue
-        current = getattr(owner, attr)
-        new = t.to(current.dtype)
-        if isinstance(current, nn.Parameter):
-            setattr(owner, attr, nn.Parameter(new, requires_grad=False))
-        else:
-            owner.register_buffer(attr, new)
-    left = sorted(n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta)
-    if left:
-        raise MissingTensorError(file=plan.path, tensor=left[0], hint=f"{len(left)} model tensor(s) were not filled "
-                                 f"from the artifact: {', '.join(left[:10])}")
+        assign_tensor(modules, key, t, dtype, plan.path)
+    check_filled(model, plan.path, "model")
     return model, plan
+
+
+def assign_tensor(modules: dict, key: str, t: "torch.Tensor", dtype: "torch.dtype", path: str) -> None:
+    """Put canonical tensor ``key`` into its module (quantised roles keep their on-disk dtype)."""
+    from torch import nn
+
+    from ..model.linear import QLinear
+    owner_path, _, attr = key.rpartition(".")          # "" is the root module (hc_head_fn, ...)
+    owner = modules.get(owner_path)
+    if owner is None:
+        raise MissingTensorError(file=path, tensor=key, hint="the model has no module for this planned tensor")
+    if isinstance(owner, QLinear) and attr in REQUIRED_ROLES[owner.scheme] | OPTIONAL_ROLES[owner.scheme]:
+        owner.set_role(attr, t.to(dtype) if owner.scheme == "bf16" else t)
+        return
+    current = getattr(owner, attr)
+    new = t.to(current.dtype)
+    if isinstance(current, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(new, requires_grad=False))
+    else:
+        owner.register_buffer(attr, new)
+
+
+def check_filled(module: "torch.nn.Module", path: str, what: str) -> None:
+    """Every parameter and buffer must have left the meta device (our own per-parameter check)."""
+    left = sorted(n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta)
+    if left:
+        raise MissingTensorError(file=path, tensor=left[0], hint=f"{len(left)} {what} tensor(s) were not filled "
+                                 f"from the artifact: {', '.join(left[:10])}")

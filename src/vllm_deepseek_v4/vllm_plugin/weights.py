@@ -14,13 +14,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..errors import AliasMismatchError, MissingTensorError, PlanError
+from ..loader.load import assign_tensor as assign, check_filled  # noqa: F401  (used by model.py / mtp.py)
 from ..loader.plan import LoadPlan
 from ..loader.stream import apply_ops
-from ..model.linear import QLinear
-from ..quant import OPTIONAL_ROLES, REQUIRED_ROLES
 
 __all__ = ["PlanRouter", "assign", "check_filled"]
 
@@ -132,28 +130,3 @@ class PlanRouter:
                                      hint="this copy of a shared tensor was never streamed, so its agreement with "
                                           f"{skipped[0][0]} is unchecked")
         self._primary.clear()
-
-
-def assign(modules: dict[str, nn.Module], key: str, t: torch.Tensor, dtype: torch.dtype, path: str) -> None:
-    """Put canonical tensor ``key`` into its module (quantised roles keep their on-disk dtype)."""
-    owner_path, _, attr = key.rpartition(".")
-    owner = modules.get(owner_path)
-    if owner is None:
-        raise MissingTensorError(file=path, tensor=key, hint="the model has no module for this planned tensor")
-    if isinstance(owner, QLinear) and attr in REQUIRED_ROLES[owner.scheme] | OPTIONAL_ROLES[owner.scheme]:
-        owner.set_role(attr, t.to(dtype) if owner.scheme == "bf16" else t)
-        return
-    current = getattr(owner, attr)
-    new = t.to(current.dtype)
-    if isinstance(current, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(new, requires_grad=False))
-    else:
-        owner.register_buffer(attr, new)
-
-
-def check_filled(module: nn.Module, path: str, what: str) -> None:
-    """Every parameter and buffer must have left the meta device (our own per-parameter check)."""
-    left = sorted(n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta)
-    if left:
-        raise MissingTensorError(file=path, tensor=left[0], hint=f"{len(left)} {what} tensor(s) were not filled "
-                                 f"from the artifact: {', '.join(left[:10])}")
