@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from vllm_deepseek_v4.cli.serve_client import Server
+from vllm_deepseek_v4.cli.serve_client import SMALL_CPU_ENV, Server
 
 PROMPTS = ["def fibonacci(n):\n", "The Python standard library", "import os\nimport sys\n\n\ndef main(",
            "class Stack:\n    \"\"\"A last-in first-out"]
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                     extra_args=["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
                                 "--speculative-config", spec],
                     # One OpenMP thread per process: spin-waiting threads only slow a tiny model down.
-                    env={"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+                    env=dict(SMALL_CPU_ENV))
     print(f"starting vllm serve {args.model} (MTP, k={args.num_speculative_tokens}); log: {args.log}", flush=True)
     t0 = time.monotonic()
     with server:

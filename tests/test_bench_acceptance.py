@@ -90,24 +90,17 @@ def test_server_that_dies_reports_its_log(tmp_path):
         srv.start()
 
 
-def _run_cli(tmp_path, accept, extra=()):
+def _run_cli(tmp_path, monkeypatch, accept, extra=()):
     out = tmp_path / "report.json"
-    env_before = os.environ.get("FAKE_ACCEPT")
-    os.environ["FAKE_ACCEPT"] = accept
-    try:
-        rc = main(["bench-acceptance", "fake-model", "--skip-verify", "--k", "1,2", "--num-prompts", "3",
-                   "--max-tokens", "20", "--server-cmd", f"{sys.executable} {FAKE} {{port}} {{model}}",
-                   "--log-dir", str(tmp_path), "--json", str(out), *extra])
-    finally:
-        if env_before is None:
-            os.environ.pop("FAKE_ACCEPT")
-        else:
-            os.environ["FAKE_ACCEPT"] = env_before
+    monkeypatch.setenv("FAKE_ACCEPT", accept)
+    rc = main(["bench-acceptance", "fake-model", "--skip-verify", "--k", "1,2", "--num-prompts", "3",
+               "--max-tokens", "20", "--server-cmd", f"{sys.executable} {FAKE} {{port}} {{model}}",
+               "--log-dir", str(tmp_path), "--json", str(out), *extra])
     return rc, json.loads(out.read_text())
 
 
-def test_bench_healthy_draft(tmp_path, capsys):
-    rc, report = _run_cli(tmp_path, "0.7,0.4")
+def test_bench_healthy_draft(tmp_path, monkeypatch, capsys):
+    rc, report = _run_cli(tmp_path, monkeypatch, "0.7,0.4")
     assert rc == 0, capsys.readouterr()
     assert [c["k"] for c in report["configs"]] == [None, 1, 2]
     k1 = report["configs"][1]["by_temperature"]["0.0"]
@@ -121,8 +114,8 @@ def test_bench_healthy_draft(tmp_path, capsys):
     assert "health: OK" in capsys.readouterr().out
 
 
-def test_bench_flags_zero_acceptance_as_broken(tmp_path, capsys):
-    rc, report = _run_cli(tmp_path, "0.0,0.0", ["--temperatures", "0"])
+def test_bench_flags_zero_acceptance_as_broken(tmp_path, monkeypatch, capsys):
+    rc, report = _run_cli(tmp_path, monkeypatch, "0.0,0.0", ["--temperatures", "0"])
     assert rc == 1
     out = capsys.readouterr().out
     assert "health: BROKEN" in out and "near 0" in out and "head/embed" in out

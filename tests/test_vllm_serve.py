@@ -15,7 +15,7 @@ import torch
 
 import vllm_support as vs
 from tiny import make_config, make_model
-from vllm_deepseek_v4.cli.serve_client import Server
+from vllm_deepseek_v4.cli.serve_client import SMALL_CPU_ENV, Server
 
 pytestmark = pytest.mark.slow
 TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "src", "vllm_deepseek_v4", "assets", "tiny")
@@ -38,8 +38,7 @@ def test_vllm_serve_with_mtp_answers_over_http_and_stops_by_pid(tmp_path):
     server = Server(model=str(path), log_path=str(tmp_path / "serve.log"), start_timeout_s=600,
                     extra_args=["--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
                                 "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}'],
-                    env={"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-                         "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})            # vLLM's default engine process
+                    env={**SMALL_CPU_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})            # vLLM's default engine process
     with server:
         pid = server.proc.pid
         name = server.served_model()
