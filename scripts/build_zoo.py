@@ -48,6 +48,9 @@ NVFP4_ALL: Quant = {**NVFP4_TRUNK, "mtp.0": {g: _NV for g in ("attn", "shared_ex
 MODELOPT_MIXED: Quant = {"main": {**NATIVE["main"], "experts": ("nvfp4", "modelopt")}, "mtp.0": NATIVE["mtp.0"]}
 W4A16_TRUNK: Quant = {"main": {"attn": ("fp8_block", "ct"), "shared_experts": ("w4a16", "ct"),
                                 "experts": ("w4a16", "ct")}}
+_W4 = ("w4a16", "ct")
+W4A16_MTP: Quant = {"mtp.0": {"attn": ("fp8_block", "ct"), "shared_experts": _W4, "experts": _W4, "e_proj": _W4,
+                              "h_proj": _W4}}
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,24 @@ LAYOUTS: dict[str, Layout] = {
     "vllm_internal": Layout("vLLM's internal names: fused_wqa_wkv / fused_wkv_wgate / gate_up_proj / w13 stacks, "
                             "MTP at model.layers.{L}.mtp_block.*", convention="vllm", equivalent_to="upstream_bf16"),
 }
+
+
+# Draft-quantization study (benchmarks/draft_quant_acceptance.py): pairs of layouts with the *same* trunk, so the
+# target (and its greedy text) is identical and only the draft's format differs. Built by ``--draft-study`` only,
+# never by the test suite's zoo.
+DRAFT_STUDY: dict[str, Layout] = {
+    "bf16_trunk_fp8_mxfp4_mtp": Layout("upstream_bf16's trunk; MTP as the official release ships it: FP8 block "
+                                       "attention, shared experts, e_proj/h_proj, MXFP4 routed experts",
+                                       {"mtp.0": NATIVE["mtp.0"]}, qconfig="deepseek"),
+    "bf16_trunk_nvfp4_mtp": Layout("upstream_bf16's trunk; MTP compressed-tensors NVFP4 as in nvfp4_trunk_nvfp4_mtp",
+                                   {"mtp.0": NVFP4_ALL["mtp.0"]}, qconfig="ct"),
+    "bf16_trunk_w4a16_mtp": Layout("upstream_bf16's trunk; MTP with w4a16_trunk's recipe: compressed-tensors W4A16 "
+                                   "(group 32) experts, shared experts and e_proj/h_proj, FP8_BLOCK attention",
+                                   W4A16_MTP, qconfig="ct"),
+    "fp8_mxfp4_trunk_bf16_mtp": Layout("upstream_fp8_mxfp4's trunk (FP8 block + MXFP4), BF16 MTP",
+                                       {"main": NATIVE["main"]}, qconfig="deepseek"),
+}
+ALL_LAYOUTS: dict[str, Layout] = {**LAYOUTS, **DRAFT_STUDY}
 
 
 class ZooError(RuntimeError):
@@ -148,7 +169,7 @@ def quant_files(layout: Layout, cfg: DSV4Config, tensors: dict[str, torch.Tensor
 
 def write_layout(out: Path, name: str, floats: dict[str, torch.Tensor], raw_cfg: dict[str, Any],
                  cfg: DSV4Config) -> None:
-    layout = LAYOUTS[name]
+    layout = ALL_LAYOUTS[name]
     tensors = layout_tensors(floats, raw_cfg, cfg, layout)
     qc, extra = quant_files(layout, cfg, tensors)
     write_artifact(out, tensors, {**raw_cfg, **({"quantization_config": qc} if qc else {})}, shards=2, extra_json=extra)
@@ -193,7 +214,7 @@ def check_layout(path: Path, name: str, *, load: bool = True) -> dict[str, Any]:
     from vllm_deepseek_v4.loader.plan import build_plan
     from vllm_deepseek_v4.quant.config_check import quant_config_disagreements
 
-    layout = LAYOUTS[name]
+    layout = ALL_LAYOUTS[name]
     rc, text = _verify_cli(path)
     out: dict[str, Any] = {"verify": text.splitlines()[-1]}
     if layout.has_mtp:
@@ -221,13 +242,15 @@ def check_layout(path: Path, name: str, *, load: bool = True) -> dict[str, Any]:
 
 
 # ---- driver ----
-def build_zoo(src: str, out_dir: str, *, load: bool = True, log: Any = print) -> dict[str, Any]:
-    """Write and check every layout under ``out_dir``; returns (and writes) the ``zoo.json`` index."""
+def build_zoo(src: str, out_dir: str, *, load: bool = True, log: Any = print,
+              layouts: dict[str, Layout] | None = None, index_name: str = "zoo.json") -> dict[str, Any]:
+    """Write and check every layout of ``layouts`` (default: the zoo) under ``out_dir``; returns (and writes)
+    the ``index_name`` index."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     floats, raw_cfg, cfg = read_source(src)
     index: dict[str, Any] = {"source": str(Path(src).resolve()), "layouts": {}}
-    for name, layout in LAYOUTS.items():
+    for name, layout in (LAYOUTS if layouts is None else layouts).items():
         d = out / name
         if d.exists():
             shutil.rmtree(d)
@@ -249,7 +272,7 @@ def build_zoo(src: str, out_dir: str, *, load: bool = True, log: Any = print) ->
                                   **{k: v for k, v in record.items() if k.startswith("verify")}, **extra}
         log(f"{name:24s} {record['naming']:9s} {record['verify']}")
     _versions(index)
-    (out / "zoo.json").write_text(json.dumps(index, indent=1))
+    (out / index_name).write_text(json.dumps(index, indent=1))
     return index
 
 
@@ -268,10 +291,15 @@ def main() -> int:
     ap.add_argument("src", help="BF16 source artifact with MTP (e.g. src/vllm_deepseek_v4/assets/tiny)")
     ap.add_argument("out", help="output directory (one subdirectory per layout + zoo.json)")
     ap.add_argument("--no-load", action="store_true", help="skip load_model on each layout (verify and plan only)")
+    ap.add_argument("--draft-study", action="store_true",
+                    help="write only the draft-quantization study layouts (DRAFT_STUDY), indexed in draft_study.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     try:
-        build_zoo(args.src, args.out, load=not args.no_load)
+        if args.draft_study:
+            build_zoo(args.src, args.out, load=not args.no_load, layouts=DRAFT_STUDY, index_name="draft_study.json")
+        else:
+            build_zoo(args.src, args.out, load=not args.no_load)
     except ZooError as e:
         print(f"build_zoo: {e}", file=sys.stderr)
         return 1

@@ -113,6 +113,7 @@ def ct_config(schemes: dict[str, dict[str, str]], n_layers: int) -> dict[str, An
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     mtp_quantized = any(s != "bf16" for part, g in schemes.items() if part.startswith("mtp.") for s in g.values())
+    trunk_quantized = any(s != "bf16" for part, g in schemes.items() if not part.startswith("mtp.") for s in g.values())
     per_group: dict[str, str] = {}
     for part, groups in schemes.items():
         if part.startswith("mtp.") and not mtp_quantized:
@@ -124,7 +125,8 @@ def ct_config(schemes: dict[str, dict[str, str]], n_layers: int) -> dict[str, An
     by_scheme: dict[str, list[str]] = {}
     for group, scheme in per_group.items():
         if scheme != "bf16":
-            by_scheme.setdefault(scheme, []).append(_TARGETS[group])
+            target = _TARGETS[group] if trunk_quantized else _mtp_only(_TARGETS[group], n_layers)
+            by_scheme.setdefault(scheme, []).append(target)
     groups = {}
     for i, (scheme, targets) in enumerate(sorted(by_scheme.items())):
         preset, fmt = _PRESET[scheme]
@@ -141,6 +143,16 @@ def ct_config(schemes: dict[str, dict[str, str]], n_layers: int) -> dict[str, An
                             format=fmts.pop() if len(fmts) == 1 else "mixed-precision")
     out: dict[str, Any] = json.loads(qc.model_dump_json())
     return out
+
+
+def _mtp_only(target: str, n_layers: int) -> str:
+    """``target`` restricted to the MTP block, in checkpoint names (``mtp.K.``) and vLLM's runtime prefix
+    (``model.layers.{L}.``, the first MTP layer), for a draft quantized under a BF16 trunk."""
+    if target.startswith(r"re:^mtp\."):
+        return target
+    if not target.startswith("re:.*\\."):
+        raise ValueError(f"ct_config: cannot restrict target {target!r} to the MTP block")
+    return rf"re:^(mtp\.\d+|model\.layers\.{n_layers})\." + target[len("re:.*\\."):]
 
 
 def modelopt_configs(nvfp4_modules: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

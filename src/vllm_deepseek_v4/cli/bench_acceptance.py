@@ -39,9 +39,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperatures", default="0,0.8", help="comma-separated temperatures (default 0,0.8)")
     p.add_argument("--prompts", default=None,
                    help="JSONL of {\"prompt\": ...} (default: the shipped held-out prompt set)")
+    p.add_argument("--prompts-from-corpus", default=None, metavar="JSONL",
+                   help="cut the prompts from the documents of a held-out corpus split instead (JSONL of "
+                        "{\"text\": ...}, e.g. data/tiny_corpus/heldout.jsonl; never the training split); "
+                        "--num-prompts prompts (default 32) of --prompt-chars characters")
+    p.add_argument("--prompt-chars", type=int, default=320, help="characters per corpus prompt (default 320)")
     p.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--no-baseline", action="store_true", help="skip the no-spec server (no speedup, no parity)")
+    p.add_argument("--per-prompt", action="store_true",
+                   help="also read /metrics after every request and record per-prompt draft counters (JSON)")
     p.add_argument("--serve-args", default="--dtype float32 --max-model-len 512 --enforce-eager",
                    help="extra `vllm serve` arguments (one string)")
     p.add_argument("--request-timeout", type=float, default=300.0)
@@ -77,22 +84,51 @@ def load_prompts(path: str | os.PathLike | None, limit: int | None = None) -> li
 
 
 def prompts_from_corpus(docs: Iterable[str], *, n: int, chars: int = 320) -> list[str]:
-    """Deterministic prompts cut from held-out documents: each starts at a line start, ends at a line end."""
+    """``n`` deterministic, distinct prompts cut from held-out documents, round-robin over the documents: round
+    ``r`` takes from every document long enough the ``chars`` characters at ``3 * r * chars``, moved back to a
+    line start and cut at a line end. Raises if the documents hold fewer than ``n`` distinct pieces."""
     out: list[str] = []
     docs = [d for d in docs if len(d) > chars]
-    i = 0
-    while len(out) < n and docs:
-        doc = docs[i % len(docs)]
-        start = (len(out) // len(docs)) * chars * 3
-        start = doc.rfind("\n", 0, start) + 1 if start else 0
-        piece = doc[start:start + chars]
-        piece = piece[: piece.rfind("\n") + 1] or piece
-        if piece.strip():
-            out.append(piece)
-        i += 1
-        if i > 10 * n:
-            break
-    return out
+    for r in range(max((len(d) for d in docs), default=0) // (3 * chars) + 1):
+        for doc in docs:
+            start = 3 * r * chars
+            if start + chars > len(doc):
+                continue
+            start = doc.rfind("\n", 0, start) + 1 if start else 0
+            piece = doc[start:start + chars]
+            piece = piece[: piece.rfind("\n") + 1] or piece
+            if piece.strip() and piece not in out:
+                out.append(piece)
+            if len(out) == n:
+                return out
+    raise ValueError(f"prompts_from_corpus: the documents hold {len(out)} distinct {chars}-character prompts, "
+                     f"{n} were asked for")
+
+
+def corpus_prompts(path: str | os.PathLike, n: int, chars: int = 320) -> list[str]:
+    """Prompts from a corpus split (JSONL of ``{"text": ...}``); a training split is refused by its name."""
+    path = Path(path)
+    if path.name.startswith("train"):
+        raise ValueError(f"{path}: acceptance prompts must come from held-out text, not the training split")
+    docs = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                row = json.loads(line)
+                if "text" not in row:
+                    raise ValueError(f"{path}:{i}: expected a JSON object with a \"text\" field")
+                docs.append(str(row["text"]))
+    return prompts_from_corpus(docs, n=n, chars=chars)
+
+
+def select_prompts(args: Any) -> list[str]:
+    """``--prompts`` (or the shipped set), or ``--prompts-from-corpus``; not both."""
+    corpus = getattr(args, "prompts_from_corpus", None)
+    if corpus and args.prompts:
+        raise ValueError("--prompts and --prompts-from-corpus are exclusive")
+    if corpus:
+        return corpus_prompts(corpus, args.num_prompts or 32, getattr(args, "prompt_chars", 320))
+    return load_prompts(args.prompts, args.num_prompts)
 
 
 # --- one server configuration -------------------------------------------------------------------------------
@@ -110,17 +146,26 @@ def run_config(path: str, k: int | None, prompts: list[str], temperatures: list[
         server.complete(prompts[0], max_tokens=4, temperature=0.0, timeout=args.request_timeout)   # warm-up
         for temp in temperatures:
             before = server.spec_counters()
-            texts, tokens, t0 = [], 0, time.perf_counter()
+            texts, tokens, per_prompt, t0 = [], 0, [], time.perf_counter()
+            last = before
             for j, prompt in enumerate(prompts):
                 resp = server.complete(prompt, max_tokens=args.max_tokens, temperature=temp,
                                        seed=1234 + j if temp > 0 else None, timeout=args.request_timeout)
                 texts.append(resp["choices"][0]["text"])
                 tokens += int(resp["usage"]["completion_tokens"])
+                if k is not None and getattr(args, "per_prompt", False):
+                    now = server.spec_counters()
+                    per_prompt.append(now - last)
+                    last = now
                 bar.update(1)
             wall = time.perf_counter() - t0
             spec = (server.spec_counters() - before).summary() if k is not None else None
             result["by_temperature"][str(temp)] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
                                                    "spec": spec, "texts": texts}
+            if per_prompt:     # per-request diffs; a step vLLM records after answering lands on the next request
+                result["by_temperature"][str(temp)]["per_prompt"] = [
+                    {"drafts": int(c.drafts), "draft_tokens": int(c.draft_tokens), "accepted": int(c.accepted)}
+                    for c in per_prompt]
     return result
 
 
@@ -148,11 +193,13 @@ def bench(path: str, args: Any) -> dict[str, Any]:
     from tqdm import tqdm
     ks = [int(x) for x in args.k.split(",") if x.strip()]
     temps = [float(x) for x in args.temperatures.split(",") if x.strip()]
-    prompts = load_prompts(args.prompts, args.num_prompts)
+    prompts = select_prompts(args)
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="dsv4-bench-")
     os.makedirs(log_dir, exist_ok=True)
     plan = [None] * (not args.no_baseline) + ks
-    report: dict[str, Any] = {"path": os.path.abspath(path), "prompts": len(prompts), "max_tokens": args.max_tokens,
+    source = getattr(args, "prompts_from_corpus", None) or args.prompts or str(default_prompts_path())
+    report: dict[str, Any] = {"path": os.path.abspath(path), "prompts": len(prompts), "prompt_source": source,
+                              "max_tokens": args.max_tokens,
                               "temperatures": temps, "serve_args": args.serve_args, "log_dir": log_dir, "configs": []}
     with tqdm(total=len(plan) * len(temps) * len(prompts), desc="bench-acceptance", unit="req",
               file=sys.stderr) as bar:
@@ -189,6 +236,11 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        select_prompts(args)                    # bad prompt options fail before any server starts
+    except (ValueError, OSError) as e:
+        print(f"dsv4 bench-acceptance: {e}", file=sys.stderr)
+        return 2
     if not args.skip_verify:
         from ..loader import build_plan
         plan = build_plan(args.path)
