@@ -214,6 +214,15 @@ def test_sinkhorn_ends_column_normalised() -> None:
     torch.testing.assert_close(c.sum(-1), torch.ones(5, 4), atol=5e-2, rtol=0)   # rows: only approximately
 
 
+def test_sinkhorn_numpy_path_computes_what_the_torch_loop_computes() -> None:
+    logits = torch.randn(3, 7, 4, 4) * 3
+    fast = sinkhorn(logits, 20, 1e-6)                          # CPU, fp32, no grad: the numpy alternation
+    loop = sinkhorn(logits.clone().requires_grad_(), 20, 1e-6)  # autograd needs the torch loop
+    assert loop.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, loop.detach(), atol=1e-6, rtol=0)
+    assert fast.dtype == torch.float32 and fast.shape == logits.shape
+
+
 def test_rope_is_interleaved_complex_rotation_and_inverse_undoes_it() -> None:
     cfg = make_config()
     f = rope_inv_freq(cfg, 0)

@@ -5,6 +5,9 @@ is ``X [N, D]`` (N = ``hc_mult`` = 4); here always batched as ``X [B, S, N, D]``
 """
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 import torch
 
 __all__ = ["sinkhorn", "hc_pre", "hc_post", "hc_head"]
@@ -13,10 +16,35 @@ __all__ = ["sinkhorn", "hc_pre", "hc_post", "hc_head"]
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Near doubly-stochastic ``[..., N, N]``: row softmax + eps, then alternate; always ends on columns."""
     c = logits.softmax(dim=-1) + eps
+    if c.device.type == "cpu" and c.dtype == torch.float32 and not c.requires_grad and _numpy() is not None:
+        return torch.from_numpy(_alternate_numpy(c.numpy(), iters, eps))
     c = c / (c.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         c = c / (c.sum(dim=-1, keepdim=True) + eps)
         c = c / (c.sum(dim=-2, keepdim=True) + eps)
+    return c
+
+
+@lru_cache(maxsize=1)
+def _numpy() -> Any:
+    """numpy if installed (it is wherever vLLM is; the core does not require it) -- imported on first use."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+def _alternate_numpy(c: Any, iters: int, eps: float) -> Any:
+    """The same alternation in numpy. Why: the matrices are 4 x 4 per token, so each of the ~120 ops of one
+    Sinkhorn costs its dispatch, not its arithmetic; numpy's per-op overhead is ~3x lower than torch's on CPU,
+    which takes ~2 ms off every decode step of a small model (two Sinkhorns per block). Same operations in the
+    same order, fp32 throughout (the torch loop above stays for autograd, other devices and no-numpy installs)."""
+    e = _numpy().float32(eps)
+    c = c / (c.sum(axis=-2, keepdims=True) + e)
+    for _ in range(iters - 1):
+        c = c / (c.sum(axis=-1, keepdims=True) + e)
+        c = c / (c.sum(axis=-2, keepdims=True) + e)
     return c
 
 

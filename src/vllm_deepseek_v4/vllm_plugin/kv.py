@@ -21,8 +21,10 @@ page unification: simple and robust, at the price of unused columns (see docs/vl
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -32,6 +34,8 @@ from ..model.attention import Attention
 from ..model.compressor import CSA_RATIO
 
 __all__ = ["RowLayout", "PagedKV", "StepInputs", "cache_geometry"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -72,9 +76,27 @@ def cache_geometry(cfg: DSV4Config) -> tuple[int, int]:
 
 
 class StepInputs:
-    """Per-forward inputs every layer of one model reads (set by the model's ``forward``)."""
+    """Per-forward inputs every layer of one model reads (set by the model's ``forward`` via :meth:`begin`).
+
+    ``memo`` holds what every layer of the step would otherwise recompute from the same metadata: each
+    request's token range, the window rows' (block, offset) and mask, the compressed entries' slots. It is
+    keyed by the metadata object (vLLM gives all layers of one KV-cache group the same one) and emptied at
+    the start of every forward, so nothing outlives the step it was computed for.
+    """
 
     positions: torch.Tensor | None = None
+
+    def __init__(self) -> None:
+        self.memo: dict[tuple, object] = {}
+
+    def begin(self, positions: torch.Tensor) -> None:
+        self.positions = positions
+        self.memo.clear()
+
+    def cached(self, key: tuple, make: Callable[[], _T]) -> _T:
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]  # type: ignore[return-value]
 
 
 @lru_cache(maxsize=None)
@@ -126,6 +148,38 @@ def _locate(cache: torch.Tensor, table: torch.Tensor, pos: torch.Tensor) -> tupl
     return table[pos // bs].long(), pos % bs
 
 
+@dataclass(frozen=True)
+class _Span:
+    """One request's scheduled tokens: batch rows ``[a, b)`` at positions ``[s, e)``."""
+
+    req: int
+    a: int
+    b: int
+    s: int
+    e: int
+
+
+@dataclass(frozen=True)
+class _WindowGeometry:
+    """Where a request's window keys live and which queries see them (the same for every layer)."""
+
+    blk: torch.Tensor
+    off: torch.Tensor
+    mask: torch.Tensor          # [1, S, n_keys]
+
+
+@dataclass(frozen=True)
+class _CompressedGeometry:
+    """Slots of a request's compressed entries for one ratio ``r`` (the same for every layer with that r)."""
+
+    lo: int                                         # first window row pooled (CSA overlaps one window back)
+    first: int                                      # first entry (re)computed this step
+    pool_rows: tuple[torch.Tensor, torch.Tensor] | None   # (block, offset) of the rows pooled; None: no new entry
+    new_slots: tuple[torch.Tensor, torch.Tensor] | None   # where the new entries are stored
+    all_slots: tuple[torch.Tensor, torch.Tensor]    # entries 0..e//r-1
+    visible: torch.Tensor                           # [1, S, e//r] completed-window visibility
+
+
 class PagedKV(nn.Module):
     """The :class:`~vllm_deepseek_v4.model.attention.ExternalKV` of one attention layer."""
 
@@ -154,16 +208,51 @@ class PagedKV(nn.Module):
         xs = x[:, :T]
         q, qr, kv = attn.project(xs, pos)
         self._write_rows(attn, xs, kv, mw.slot_mapping[:T])
-        starts = mw.query_start_loc.tolist()
-        outs = []
-        for i in range(mw.num_reqs):
-            a, b = starts[i], starts[i + 1]
-            if b > a:
-                outs.append(self._request(attn, i, xs[:, a:b], q[:, a:b], qr[:, a:b], pos[a:b], mw, mc))
+        outs = [self._request(attn, sp, xs[:, sp.a:sp.b], q[:, sp.a:sp.b], qr[:, sp.a:sp.b], pos[sp.a:sp.b], mw, mc)
+                for sp in self.step.cached(("spans", id(mw)), lambda: self._spans(mw, pos))]
         out = torch.cat(outs, dim=1) if outs else x.new_zeros(1, 0, x.shape[-1])
         if x.shape[1] > T:                        # padded batch: the padding rows compute nothing
             out = torch.cat((out, x.new_zeros(1, x.shape[1] - T, out.shape[-1])), dim=1)
         return out
+
+    # ---- per-step geometry (computed by the first layer, reused by the others through ``step.memo``) ----
+    def _spans(self, mw: object, pos: torch.Tensor) -> list[_Span]:
+        starts = mw.query_start_loc.tolist()  # type: ignore[attr-defined]
+        plist = pos.tolist()
+        spans = []
+        for i in range(mw.num_reqs):  # type: ignore[attr-defined]
+            a, b = starts[i], starts[i + 1]
+            if b <= a:
+                continue
+            s = plist[a]
+            if plist[b - 1] != s + (b - a) - 1:
+                raise ValueError(f"{self.window.layer_name}: request {i} has non-contiguous positions "
+                                 f"{plist[a:b][:8]}...; each request's scheduled tokens must be consecutive")
+            spans.append(_Span(i, a, b, s, s + b - a))
+        return spans
+
+    def _window_geometry(self, sp: _Span, qpos: torch.Tensor, table: torch.Tensor) -> _WindowGeometry:
+        w = self.cfg.window_size
+        kpos = torch.arange(max(0, sp.s - w + 1), sp.e, device=qpos.device)
+        blk, off = _locate(self.window.kv_cache, table, kpos)
+        diff = qpos[:, None] - kpos[None, :]
+        return _WindowGeometry(blk, off, ((diff >= 0) & (diff < w))[None])
+
+    def _compressed_geometry(self, attn: Attention, sp: _Span, qpos: torch.Tensor, wtable: torch.Tensor,
+                             ctable: torch.Tensor) -> _CompressedGeometry:
+        r = self.ratio
+        assert self.compressed is not None
+        wcache, ccache = self.window.kv_cache, self.compressed.kv_cache
+        dev = wcache.device
+        wa, wb = sp.s // r, sp.e // r
+        lo = max(wa - 1, 0) if r == CSA_RATIO else wa
+        pool_rows = new_slots = None
+        if wb > wa:
+            pool_rows = _locate(wcache, wtable, torch.arange(lo * r, wb * r, device=dev))
+            new_slots = _locate(ccache, ctable, (torch.arange(wa, wb, device=dev) + 1) * r - 1)
+        n = sp.e // r
+        all_slots = _locate(ccache, ctable, (torch.arange(n, device=dev) + 1) * r - 1)
+        return _CompressedGeometry(lo, wa, pool_rows, new_slots, all_slots, attn.entry_visibility(qpos, n)[None])
 
     # ---- pieces ----
     def _write_rows(self, attn: Attention, x: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor) -> None:
@@ -179,53 +268,44 @@ class PagedKV(nn.Module):
         bs = cache.shape[2]
         cache[slots // bs, 0, slots % bs, : rows.shape[-1]] = rows[valid]
 
-    def _request(self, attn: Attention, i: int, x: torch.Tensor, q: torch.Tensor, qr: torch.Tensor,
+    def _request(self, attn: Attention, sp: _Span, x: torch.Tensor, q: torch.Tensor, qr: torch.Tensor,
                  qpos: torch.Tensor, mw: object, mc: object) -> torch.Tensor:
-        cfg, r, lay = self.cfg, self.ratio, self.layout
-        S = x.shape[1]
-        s = int(qpos[0])
-        e = s + S
-        if int(qpos[-1]) != e - 1:
-            raise ValueError(f"{self.window.layer_name}: request {i} has non-contiguous positions "
-                             f"{qpos.tolist()[:8]}...; each request's scheduled tokens must be consecutive")
-        wcache, wtable = self.window.kv_cache, mw.block_table[i]
-        kpos = torch.arange(max(0, s - cfg.window_size + 1), e, device=x.device)
-        blk, off = _locate(wcache, wtable, kpos)
-        keys = wcache[blk, 0, off, : lay.head_dim].to(x.dtype)[None]               # [1, nk, d]
-        diff = qpos[:, None] - kpos[None, :]
-        mask = ((diff >= 0) & (diff < cfg.window_size))[None]                       # [1, S, nk]
+        r, lay = self.ratio, self.layout
+        wtable = mw.block_table[sp.req]  # type: ignore[attr-defined]
+        g = self.step.cached(("window", id(mw), sp.req), lambda: self._window_geometry(sp, qpos, wtable))
+        keys = self.window.kv_cache[g.blk, 0, g.off, : lay.head_dim].to(x.dtype)[None]   # [1, nk, d]
+        mask = g.mask
         if r > 0:
-            entries, index_keys = self._entries(attn, i, s, e, x.dtype, mw, mc)
-            picked = attn.entry_visibility(qpos, entries.shape[1])[None]
+            ctable = mc.block_table[sp.req]  # type: ignore[attr-defined]
+            cg = self.step.cached(("compressed", id(mw), id(mc), sp.req, r),
+                                  lambda: self._compressed_geometry(attn, sp, qpos, wtable, ctable))
+            entries, index_keys = self._entries(attn, cg, x.dtype)
+            picked = cg.visible
             if r == CSA_RATIO:
                 picked = picked & attn.indexer.select(x, qr, index_keys, qpos)
             keys = torch.cat((keys, entries), dim=1)
             mask = torch.cat((mask, picked), dim=-1)
         return attn.attend(q, keys, mask, qpos)
 
-    def _entries(self, attn: Attention, i: int, s: int, e: int, dtype: torch.dtype, mw: object,
-                 mc: object) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(Re)compute the entries whose window ends in ``[s, e)``, store them, return entries ``0..e//r-1``."""
+    def _entries(self, attn: Attention, cg: _CompressedGeometry, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Re)compute the entries whose window ends in this step, store them, return all entries so far."""
         r, lay = self.ratio, self.layout
         assert self.compressed is not None
-        wcache, wtable = self.window.kv_cache, mw.block_table[i]
-        ccache, ctable = self.compressed.kv_cache, mc.block_table[i]
-        dev = wcache.device
-        wa, wb = s // r, e // r
-        if wb > wa:
-            lo = max(wa - 1, 0) if r == CSA_RATIO else wa
-            blk, off = _locate(wcache, wtable, torch.arange(lo * r, wb * r, device=dev))
+        wcache, ccache = self.window.kv_cache, self.compressed.kv_cache
+        if cg.pool_rows is not None and cg.new_slots is not None:
+            blk, off = cg.pool_rows
             rows = wcache[blk, 0, off][None]                                          # [1, n*r, W]
             c0, cw = lay.head_dim, lay.comp_width
-            new = [attn.compressor.pool(rows[..., c0:c0 + cw], rows[..., c0 + cw:c0 + 2 * cw], lo, wa, dtype)]
+            new = [attn.compressor.pool(rows[..., c0:c0 + cw], rows[..., c0 + cw:c0 + 2 * cw], cg.lo, cg.first,
+                                        dtype)]
             if r == CSA_RATIO:
                 i0, iw = c0 + 2 * cw, lay.index_width
                 new.append(attn.indexer.compressor.pool(rows[..., i0:i0 + iw], rows[..., i0 + iw:i0 + 2 * iw],
-                                                        lo, wa, dtype))
-            cblk, coff = _locate(ccache, ctable, (torch.arange(wa, wb, device=dev) + 1) * r - 1)
+                                                        cg.lo, cg.first, dtype))
+            cblk, coff = cg.new_slots
             ccache[cblk, 0, coff, : lay.compressed_width] = torch.cat([n[0].float() for n in new], dim=-1)
-        n = e // r
-        cblk, coff = _locate(ccache, ctable, (torch.arange(n, device=dev) + 1) * r - 1)
+        cblk, coff = cg.all_slots
         stored = ccache[cblk, 0, coff]                                                # [n, W]
         entries = stored[:, : lay.head_dim].to(dtype)[None]
         index_keys = stored[:, lay.head_dim: lay.compressed_width].to(dtype)[None] if r == CSA_RATIO else None

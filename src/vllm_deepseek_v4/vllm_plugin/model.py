@@ -91,7 +91,7 @@ class DSV4ForCausalLM(nn.Module):
                 **kwargs: object) -> torch.Tensor:
         if input_ids is None:
             raise NotImplementedError("DSv4 plugin: inputs_embeds without input_ids (hash routing needs the ids)")
-        self.step.positions = positions
+        self.step.begin(positions)
         self._state.pos = 0                                    # positions come from vLLM, per token
         X = self.model.streams(input_ids[None], self._state)   # [1, T, N, D]
         self._streams = X[0].flatten(1) if self._keep_streams else None

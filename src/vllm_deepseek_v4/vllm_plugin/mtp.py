@@ -124,7 +124,7 @@ class DSV4MTPDraft(nn.Module):
         T = hidden_states.shape[0]
         X = hidden_states.view(1, T, cfg.hc_mult, cfg.dim)
         e = self.model.embed_tokens(input_ids[None]) if inputs_embeds is None else inputs_embeds[None]
-        self.step.positions = positions
+        self.step.begin(positions)
         Z = self._layer().block(X, e, input_ids[None], 0, self.kv[0])
         return Z[0].flatten(1)
 
