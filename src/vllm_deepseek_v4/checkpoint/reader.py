@@ -51,7 +51,11 @@ class TensorReader:
         self._handles.clear()
 
     def read(self, info: TensorInfo) -> torch.Tensor:
-        """Return tensor ``info`` (``shape`` as on disk, torch dtype of ``info.dtype``), copied out of the map."""
+        """Return tensor ``info`` (``shape`` as on disk, torch dtype of ``info.dtype``).
+
+        With safetensors >= 0.8 this is a zero-copy view of the file's memory map (the map lives as long as the
+        tensor, even after :meth:`close`); copy it before writing to it.
+        """
         handle, path = self._slice_of(info)
         tensor: torch.Tensor = self._call(path, info, lambda: handle.get_tensor(info.name))
         return tensor
