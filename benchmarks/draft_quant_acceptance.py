@@ -211,9 +211,12 @@ def write_report(out: str, m: dict[str, Any], rows: list[dict[str, Any]]) -> Non
             " / ".join(f"{100 * p:.1f}" for p in r["per_position_quant"]), r["draft_tokens"],
             "yes" if r["same_text"] else "**NO**", pct(r.get("tf_agree_bf16")), pct(r.get("tf_agree_quant")),
             pts(r.get("tf_delta_pts")), se(r.get("tf_paired_se_pts"))]) + " |")
-    lines += ["", f"Within {WITHIN_POINTS:g} points of the BF16 draft (|delta| <= {WITHIN_POINTS:g}): "
-              + ", ".join(f"{r['quant_layout']}@k{r['k']} {'yes' if abs(r['delta_pts']) <= WITHIN_POINTS else 'NO'}"
-                          for r in rows) + "."]
+    cost = [f"{r['quant_layout']}@k{r['k']} ({r['delta_pts']:+.1f})" for r in rows if r["delta_pts"] < -WITHIN_POINTS]
+    gain = [f"{r['quant_layout']}@k{r['k']} ({r['delta_pts']:+.1f})" for r in rows if r["delta_pts"] > WITHIN_POINTS]
+    lines += ["", f"More than {WITHIN_POINTS:g} points below the BF16 draft on the same target: "
+              + (", ".join(cost) or "none") + f"; more than {WITHIN_POINTS:g} points above it: "
+              + (", ".join(gain) or "none") + "; every other row is within "
+              f"{WITHIN_POINTS:g} points."]
     lines.append("Layouts: " + "; ".join(f"{t}: `{a}` vs `{b}`" for t, a, b, _ in
                                          [(t, a, b, f) for t, a, b, f in PAIRS]) + ".")
     md.write_text("\n".join(lines) + "\n" + ("\n## Reading" + reading if reading else ""))
