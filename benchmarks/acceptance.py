@@ -133,9 +133,9 @@ def main() -> int:
             refused[name] = problems[:3]
             print(f"== {name}: refused by the load plan: {problems[0]}", file=sys.stderr)
             continue
-        ns = argparse.Namespace(k=args.k, temperatures=args.temperatures, prompts=None, num_prompts=args.num_prompts,
-                                max_tokens=args.max_tokens, no_baseline=args.no_baseline, serve_args=args.serve_args,
-                                request_timeout=300.0, start_timeout=900.0, log_dir=None, server_cmd=None)
+        ns = ba.bench_args(path, k=args.k, temperatures=args.temperatures, num_prompts=args.num_prompts,
+                           max_tokens=args.max_tokens, no_baseline=args.no_baseline, serve_args=args.serve_args,
+                           start_timeout=900.0)
         print(f"== {name}: {path}", file=sys.stderr)
         report = ba.bench(path, ns)
         for cfg in report["configs"]:                 # texts make the JSON huge; parity is already recorded

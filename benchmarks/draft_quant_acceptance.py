@@ -62,13 +62,14 @@ def serve_all(args: argparse.Namespace, names: list[str], ks: list[int]) -> None
             out = raw_path(args.raw_dir, name, k)
             if out.exists():
                 continue
-            ns = argparse.Namespace(k=str(k), temperatures="0", prompts=None, prompts_from_corpus=args.corpus,
-                                    prompt_chars=args.prompt_chars, num_prompts=args.num_prompts,
-                                    max_tokens=args.max_tokens, no_baseline=True, per_prompt=True,
-                                    serve_args=args.serve_args, request_timeout=300.0, start_timeout=900.0,
-                                    log_dir=os.path.join(args.raw_dir, f"logs_{name}_k{k}"), server_cmd=args.server_cmd)
+            path = os.path.join(args.zoo, name)
+            ns = ba.bench_args(path, k=str(k), temperatures="0", prompts_from_corpus=args.corpus,
+                               prompt_chars=args.prompt_chars, num_prompts=args.num_prompts,
+                               max_tokens=args.max_tokens, no_baseline=True, per_prompt=True,
+                               serve_args=args.serve_args, start_timeout=900.0,
+                               log_dir=os.path.join(args.raw_dir, f"logs_{name}_k{k}"), server_cmd=args.server_cmd)
             print(f"== {name} k={k}", file=sys.stderr)
-            report = ba.bench(os.path.join(args.zoo, name), ns)
+            report = ba.bench(path, ns)
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(report))
             tmp.replace(out)
@@ -196,10 +197,12 @@ def write_report(out: str, m: dict[str, Any], rows: list[dict[str, Any]]) -> Non
              "target was held fixed, both drafts scored on the same tokens). Acceptance = accepted / draft "
              "tokens; per position = accepted at i / drafts. Noise (1 standard error, points): *binomial* treats "
              "draft tokens as independent (optimistic, the members counted as independent samples); *paired* "
-             "is a leave-one-prompt-out jackknife of the difference over the shared prompts. Teacher-forced "
-             f"(tf) columns: portable model, no vLLM, over {m['tf_positions']} held-out positions "
-             "(every window of the held-out split): draft argmax == main argmax at the next position, i.e. "
-             "k = 1 acceptance without trajectory effects, paired per position (SE over windows).", "",
+             "is a leave-one-prompt-out jackknife of the difference over the shared prompts. "
+             + (f"Teacher-forced (tf) columns: portable model, no vLLM, over {m['tf_positions']} held-out positions "
+                "(every window of the held-out split): draft argmax == main argmax at the next position, i.e. "
+                "k = 1 acceptance without trajectory effects, paired per position (SE over windows)."
+                if m["tf_positions"] else "Teacher-forced columns were not computed in this run (`--tf-windows 0`)."),
+             "",
              "| target | quantized draft | k | BF16 draft | quantized draft | delta (pts) | binomial SE | paired SE | "
              "per position BF16 | per position quantized | draft tokens | same text | tf BF16 | tf quantized | "
              "tf delta (pts) | tf paired SE |", "|" + "---|" * 16]
@@ -217,8 +220,7 @@ def write_report(out: str, m: dict[str, Any], rows: list[dict[str, Any]]) -> Non
               + (", ".join(cost) or "none") + f"; more than {WITHIN_POINTS:g} points above it: "
               + (", ".join(gain) or "none") + "; every other row is within "
               f"{WITHIN_POINTS:g} points."]
-    lines.append("Layouts: " + "; ".join(f"{t}: `{a}` vs `{b}`" for t, a, b, _ in
-                                         [(t, a, b, f) for t, a, b, f in PAIRS]) + ".")
+    lines.append("Layouts: " + "; ".join(f"{t}: `{a}` vs `{b}`" for t, a, b, _ in PAIRS) + ".")
     md.write_text("\n".join(lines) + "\n" + ("\n## Reading" + reading if reading else ""))
 
 

@@ -120,3 +120,11 @@ def test_bench_flags_zero_acceptance_as_broken(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "health: BROKEN" in out and "near 0" in out and "head/embed" in out
     assert report["health"]["likely_causes"]
+
+
+def test_bench_args_takes_the_commands_defaults_and_refuses_unknown_options():
+    args = ba.bench_args("some/artifact", k="2", per_prompt=True)
+    assert (args.path, args.k, args.per_prompt) == ("some/artifact", "2", True)
+    assert args.temperatures == "0,0.8" and args.request_timeout == 300.0 and args.prompts_from_corpus is None
+    with pytest.raises(TypeError, match="unknown option 'num_prompt'"):
+        ba.bench_args("some/artifact", num_prompt=4)

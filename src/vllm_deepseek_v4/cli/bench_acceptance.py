@@ -62,6 +62,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def bench_args(path: str, **overrides: Any) -> argparse.Namespace:
+    """The command's arguments for ``path`` with its own defaults, then ``overrides`` (for scripts that call
+    :func:`bench` directly, so they never restate a default); an unknown name is an error."""
+    ap = argparse.ArgumentParser(prog="dsv4")
+    add_parser(ap.add_subparsers())
+    args = ap.parse_args(["bench-acceptance", path])
+    for name, value in overrides.items():
+        if not hasattr(args, name):
+            raise TypeError(f"bench_args: unknown option {name!r}")
+        setattr(args, name, value)
+    return args
+
+
 # --- prompts ----------------------------------------------------------------------------------------------------
 def default_prompts_path() -> Path:
     return Path(__file__).resolve().parents[1] / "assets" / "bench_prompts.jsonl"
@@ -123,11 +136,11 @@ def corpus_prompts(path: str | os.PathLike, n: int, chars: int = 320) -> list[st
 
 def select_prompts(args: Any) -> list[str]:
     """``--prompts`` (or the shipped set), or ``--prompts-from-corpus``; not both."""
-    corpus = getattr(args, "prompts_from_corpus", None)
+    corpus = args.prompts_from_corpus
     if corpus and args.prompts:
         raise ValueError("--prompts and --prompts-from-corpus are exclusive")
     if corpus:
-        return corpus_prompts(corpus, args.num_prompts or 32, getattr(args, "prompt_chars", 320))
+        return corpus_prompts(corpus, args.num_prompts or 32, args.prompt_chars)
     return load_prompts(args.prompts, args.num_prompts)
 
 
@@ -140,7 +153,7 @@ def run_config(path: str, k: int | None, prompts: list[str], temperatures: list[
         extra += ["--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": k})]
     tag = f"k{k}" if k is not None else "baseline"
     result: dict[str, Any] = {"k": k, "by_temperature": {}}
-    cmd = args.server_cmd.split() if getattr(args, "server_cmd", None) else None
+    cmd = args.server_cmd.split() if args.server_cmd else None
     with Server(path, extra, log_path=os.path.join(log_dir, f"serve_{tag}.log"),
                 start_timeout_s=args.start_timeout, cmd=cmd, env=small_cpu_env()) as server:
         server.complete(prompts[0], max_tokens=4, temperature=0.0, timeout=args.request_timeout)   # warm-up
@@ -153,7 +166,7 @@ def run_config(path: str, k: int | None, prompts: list[str], temperatures: list[
                                        seed=1234 + j if temp > 0 else None, timeout=args.request_timeout)
                 texts.append(resp["choices"][0]["text"])
                 tokens += int(resp["usage"]["completion_tokens"])
-                if k is not None and getattr(args, "per_prompt", False):
+                if k is not None and args.per_prompt:
                     now = server.spec_counters()
                     per_prompt.append(now - last)
                     last = now
@@ -188,16 +201,18 @@ def health(report: dict[str, Any]) -> dict[str, Any]:
             "likely_causes": LIKELY_CAUSES if problems else []}
 
 
-def bench(path: str, args: Any) -> dict[str, Any]:
+def bench(path: str, args: Any, prompts: list[str] | None = None) -> dict[str, Any]:
+    """Run every configuration of ``args`` (see :func:`bench_args`); ``prompts`` if already selected."""
     import tempfile
     from tqdm import tqdm
     ks = [int(x) for x in args.k.split(",") if x.strip()]
     temps = [float(x) for x in args.temperatures.split(",") if x.strip()]
-    prompts = select_prompts(args)
+    if prompts is None:
+        prompts = select_prompts(args)
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="dsv4-bench-")
     os.makedirs(log_dir, exist_ok=True)
     plan = [None] * (not args.no_baseline) + ks
-    source = getattr(args, "prompts_from_corpus", None) or args.prompts or str(default_prompts_path())
+    source = args.prompts_from_corpus or args.prompts or str(default_prompts_path())
     report: dict[str, Any] = {"path": os.path.abspath(path), "prompts": len(prompts), "prompt_source": source,
                               "max_tokens": args.max_tokens,
                               "temperatures": temps, "serve_args": args.serve_args, "log_dir": log_dir, "configs": []}
@@ -237,7 +252,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        select_prompts(args)                    # bad prompt options fail before any server starts
+        prompts = select_prompts(args)          # bad prompt options fail before any server starts
     except (ValueError, OSError) as e:
         print(f"dsv4 bench-acceptance: {e}", file=sys.stderr)
         return 2
@@ -250,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
             for p in problems:
                 print(f"  {p}", file=sys.stderr)
             return 1
-    report = bench(args.path, args)
+    report = bench(args.path, args, prompts)
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(report, fh, indent=1)
