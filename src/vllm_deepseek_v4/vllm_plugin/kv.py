@@ -174,8 +174,8 @@ class _CompressedGeometry:
 
     lo: int                                         # first window row pooled (CSA overlaps one window back)
     first: int                                      # first entry (re)computed this step
-    pool_rows: tuple[torch.Tensor, torch.Tensor] | None   # (block, offset) of the rows pooled; None: no new entry
-    new_slots: tuple[torch.Tensor, torch.Tensor] | None   # where the new entries are stored
+    # ((block, offset) of the window rows pooled, (block, offset) the new entries go to); None: no entry ends here
+    new: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
     all_slots: tuple[torch.Tensor, torch.Tensor]    # entries 0..e//r-1
     visible: torch.Tensor                           # [1, S, e//r] completed-window visibility
 
@@ -246,13 +246,13 @@ class PagedKV(nn.Module):
         dev = wcache.device
         wa, wb = sp.s // r, sp.e // r
         lo = max(wa - 1, 0) if r == CSA_RATIO else wa
-        pool_rows = new_slots = None
+        new = None
         if wb > wa:
-            pool_rows = _locate(wcache, wtable, torch.arange(lo * r, wb * r, device=dev))
-            new_slots = _locate(ccache, ctable, (torch.arange(wa, wb, device=dev) + 1) * r - 1)
+            new = (_locate(wcache, wtable, torch.arange(lo * r, wb * r, device=dev)),
+                   _locate(ccache, ctable, (torch.arange(wa, wb, device=dev) + 1) * r - 1))
         n = sp.e // r
         all_slots = _locate(ccache, ctable, (torch.arange(n, device=dev) + 1) * r - 1)
-        return _CompressedGeometry(lo, wa, pool_rows, new_slots, all_slots, attn.entry_visibility(qpos, n)[None])
+        return _CompressedGeometry(lo, wa, new, all_slots, attn.entry_visibility(qpos, n)[None])
 
     # ---- pieces ----
     def _write_rows(self, attn: Attention, x: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor) -> None:
@@ -293,8 +293,8 @@ class PagedKV(nn.Module):
         r, lay = self.ratio, self.layout
         assert self.compressed is not None
         wcache, ccache = self.window.kv_cache, self.compressed.kv_cache
-        if cg.pool_rows is not None and cg.new_slots is not None:
-            blk, off = cg.pool_rows
+        if cg.new is not None:
+            (blk, off), (cblk, coff) = cg.new
             rows = wcache[blk, 0, off][None]                                          # [1, n*r, W]
             c0, cw = lay.head_dim, lay.comp_width
             new = [attn.compressor.pool(rows[..., c0:c0 + cw], rows[..., c0 + cw:c0 + 2 * cw], cg.lo, cg.first,
@@ -303,7 +303,6 @@ class PagedKV(nn.Module):
                 i0, iw = c0 + 2 * cw, lay.index_width
                 new.append(attn.indexer.compressor.pool(rows[..., i0:i0 + iw], rows[..., i0 + iw:i0 + 2 * iw],
                                                         cg.lo, cg.first, dtype))
-            cblk, coff = cg.new_slots
             ccache[cblk, 0, coff, : lay.compressed_width] = torch.cat([n[0].float() for n in new], dim=-1)
         cblk, coff = cg.all_slots
         stored = ccache[cblk, 0, coff]                                                # [n, W]
