@@ -99,7 +99,7 @@ def plan_steps(d: str, repeat: int) -> list[dict[str, Any]]:
     from vllm_deepseek_v4.checkpoint.scan import _scan
     from vllm_deepseek_v4.config import load_config
     from vllm_deepseek_v4.loader import account, expected, plan
-    from vllm_deepseek_v4.quant.config_check import quant_config_disagreements
+    from vllm_deepseek_v4.loader.config_check import quant_config_disagreements
 
     times: dict[str, list[float]] = {}
 

@@ -212,7 +212,7 @@ def check_layout(path: Path, name: str, *, load: bool = True) -> dict[str, Any]:
     """Verify, plan and (optionally) load one layout; raise ZooError on anything unexpected."""
     from vllm_deepseek_v4.loader.load import load_model
     from vllm_deepseek_v4.loader.plan import build_plan
-    from vllm_deepseek_v4.quant.config_check import quant_config_disagreements
+    from vllm_deepseek_v4.loader.config_check import quant_config_disagreements
 
     layout = ALL_LAYOUTS[name]
     rc, text = _verify_cli(path)

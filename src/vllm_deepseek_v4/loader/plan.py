@@ -113,7 +113,7 @@ def _build(path: str, cfg: DSV4Config | None, include_mtp: bool, checkpoint: Che
     account(plan, expected_params(cfg, include_mtp=include_mtp), batches, loose)
     _check_mtp(plan)
     plan.naming = _naming(conventions)
-    from ..quant.config_check import quant_config_disagreements
+    from .config_check import quant_config_disagreements
     plan.warnings += quant_config_disagreements(plan)
     return plan
 

@@ -11,7 +11,7 @@ import re
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
-    from ..loader.plan import LoadPlan
+    from .plan import LoadPlan
 
 __all__ = ["quant_config_disagreements", "expected_scheme_ct"]
 
