@@ -16,10 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import meta, write  # noqa: E402
-
-from vllm_deepseek_v4.cli import bench_acceptance as ba  # noqa: E402
+from vllm_deepseek_v4.cli import bench_acceptance as ba
+from vllm_deepseek_v4.devtools.records import meta, write
 
 COLUMNS = ["layout", "k", "temperature", "acceptance", "per_position", "mean_acceptance_length", "offline_acceptance",
            "tokens_per_s", "speedup", "greedy_matches_baseline", "healthy"]

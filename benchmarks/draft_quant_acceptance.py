@@ -25,8 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import meta  # noqa: E402
+from vllm_deepseek_v4.devtools.records import meta, portable
 
 # (target, BF16-draft layout, quantized-draft layout, quantized draft's format)
 PAIRS = [
@@ -128,8 +127,7 @@ def teacher_forced(zoo: str, names: list[str], windows_n: int, seq: int) -> dict
     """Per layout: the main argmax and the draft-agrees-with-main mask at every held-out draft position."""
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    from offline_acceptance import heldout_windows
+    from vllm_deepseek_v4.devtools.corpus import heldout_windows
     from vllm_deepseek_v4.loader.load import load_model
     from vllm_deepseek_v4.model.mtp_eval import teacher_forced_logits
 
@@ -184,7 +182,7 @@ def write_report(out: str, m: dict[str, Any], rows: list[dict[str, Any]]) -> Non
     if md.exists() and "\n## Reading" in md.read_text():
         reading = md.read_text().split("\n## Reading", 1)[1]
     with open(out + ".json", "w") as fh:
-        json.dump({"meta": m, "rows": rows}, fh, indent=1)
+        json.dump(portable({"meta": m, "rows": rows}), fh, indent=1)
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
     pts = lambda v: "-" if v is None else f"{v:+.1f}"
     se = lambda v: "-" if v is None else f"{v:.1f}"

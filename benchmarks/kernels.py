@@ -27,8 +27,7 @@ if "--dry-run" in sys.argv:                  # the interpreter must be chosen be
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import meta, write  # noqa: E402
+from vllm_deepseek_v4.devtools.records import meta, write  # noqa: E402
 
 FLASH = {"D": 4096, "I": 2048, "E": 256, "k": 6, "H": 64, "d": 512, "window": 128, "topk": 512, "compressed": 2048}
 TINY = {"D": 256, "I": 128, "E": 8, "k": 2, "H": 4, "d": 64, "window": 8, "topk": 8, "compressed": 24}

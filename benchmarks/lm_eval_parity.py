@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import meta, write  # noqa: E402
+from vllm_deepseek_v4.devtools.records import meta, write
 
 ROOT = Path(__file__).resolve().parents[1]
 

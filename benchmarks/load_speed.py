@@ -43,8 +43,7 @@ import tempfile
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import meta, write  # noqa: E402
+from vllm_deepseek_v4.devtools.records import meta, write
 
 NATIVE = {"attn": "fp8_block", "indexer": "fp8_block", "shared_experts": "fp8_block", "experts": "mxfp4"}
 MEASURES = ("safe_open map only", "safe_open drop", "iter_plan_tensors", "safe_open keep", "load_model")

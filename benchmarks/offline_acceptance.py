@@ -24,15 +24,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-from _common import meta  # noqa: E402
-from tiny_corpus import load_split, token_stream, token_windows  # noqa: E402
-
-from vllm_deepseek_v4.cli.bench_acceptance import load_prompts  # noqa: E402
-from vllm_deepseek_v4.loader.load import load_model  # noqa: E402
-from vllm_deepseek_v4.model.mtp_eval import mtp_scores  # noqa: E402
-from vllm_deepseek_v4.model.speculative import SpecStats, greedy_generate, speculative_generate  # noqa: E402
+from vllm_deepseek_v4.cli.bench_acceptance import load_prompts
+from vllm_deepseek_v4.devtools.corpus import heldout_windows, load_tokenizer
+from vllm_deepseek_v4.devtools.records import meta, portable
+from vllm_deepseek_v4.loader.load import load_model
+from vllm_deepseek_v4.model.mtp_eval import mtp_scores
+from vllm_deepseek_v4.model.speculative import SpecStats, greedy_generate, speculative_generate
 
 COLUMNS = ["layout", "k", "acceptance", "per_position", "mean_acceptance_length", "identical_to_greedy",
            "drafts", "greedy_agreement_with_reference", "heldout_agreement", "heldout_main_loss", "heldout_mtp_loss"]
@@ -53,29 +50,13 @@ def layouts(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
-def tokenizer(path: str) -> Any:
-    from tokenizers import Tokenizer
-
-    tok_file = Path(path) / "tokenizer.json"
-    if not tok_file.is_file():
-        raise SystemExit(f"{path}: no tokenizer.json (the zoo copies the source's tokenizer into every layout)")
-    return Tokenizer.from_file(str(tok_file))
-
-
-def heldout_windows(path: str, n: int, seq: int) -> torch.Tensor:
-    """The first ``n`` windows of ``seq`` tokens of the held-out split (as tests/test_tiny_model.py cuts them)."""
-    tok = tokenizer(path)
-    ids = token_stream(load_split("heldout"), tok, tok.token_to_id("<|bos|>"), tok.token_to_id("<|eos|>"))
-    return token_windows(ids, seq)[:n]
-
-
 def run_layout(path: str, prompts: list[str], ks: list[int], n: int,
                windows: torch.Tensor | None) -> tuple[list[list[int]], dict[int, Any], dict[str, float]]:
     """Plain greedy tokens per prompt; per k the merged stats and the speculative tokens; teacher-forced
     held-out scores (trajectory-free: both models see the same text)."""
     model, _ = load_model(path, dtype=torch.float32, progress=False)
     model.eval()
-    tok = tokenizer(path)
+    tok = load_tokenizer(path)
     ids = [torch.tensor([tok.encode(p).ids]) for p in prompts]
     scores = mtp_scores(model, windows, batch=2).as_dict() if windows is not None else {}
     greedy = [greedy_generate(model, x, n) for x in ids]
@@ -197,7 +178,7 @@ def main() -> int:
     table = [{**r, "per_position": " / ".join(f"{p:.3f}" for p in r["per_position"])} for r in rows]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as fh:
-        json.dump({"meta": m, "rows": rows}, fh, indent=1)
+        json.dump(portable({"meta": m, "rows": rows}), fh, indent=1)
     write_markdown(args.out, m, table)
     plot(rows, args.out)
     c = m["checks"]

@@ -19,8 +19,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import meta  # noqa: E402
+from vllm_deepseek_v4.devtools.records import meta, portable
 
 # (module, qualified name, label): inclusive timers, listed in the table in this order.
 TIMED = [
@@ -142,7 +141,8 @@ def main() -> None:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as fh:
-        json.dump({"meta": m, "runs": [{k: v for k, v in r.items() if k != "texts"} for r in runs]}, fh, indent=1)
+        runs_out = [{k: v for k, v in r.items() if k != "texts"} for r in runs]
+        json.dump(portable({"meta": m, "runs": runs_out}), fh, indent=1)
     with open(args.out + ".md", "w") as fh:
         fh.write("\n".join(md) + "\n")
     print("\n".join(md))

@@ -6,7 +6,7 @@ English prose (``pydoc_data.topics``: the language reference topics ``help()`` s
 fixed list of pure-Python stdlib modules. The held-out split is whole documents, fixed by name below, so
 no held-out text is ever seen in training.
 
-Readers (``load_split``, ``token_windows``) are shared by ``train_tiny.py``, the tests and the benchmarks.
+The readers (``load_split``, ``token_stream``, ``token_windows``) live in ``vllm_deepseek_v4.devtools.corpus``.
 
     python scripts/tiny_corpus.py build [--out data/tiny_corpus]
 """
@@ -20,8 +20,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS_DIR = ROOT / "data" / "tiny_corpus"
+from vllm_deepseek_v4.devtools.corpus import CORPUS_DIR
 
 # Stdlib modules whose source is used (pure Python, mostly 20-100 KB each).
 MODULES = [
@@ -74,32 +73,6 @@ def build(out: Path) -> dict[str, Any]:
         stats[split] = {"documents": len(part), "chars": sum(len(d["text"]) for d in part)}
     shutil.copyfile(_stdlib() / "LICENSE.txt", out / "LICENSE")
     return {"python": sys.version.split()[0], **stats}
-
-
-# ---- readers ----
-def load_split(split: str, corpus: Path = CORPUS_DIR) -> list[dict[str, str]]:
-    """The documents of ``train`` or ``heldout``."""
-    path = corpus / f"{split}.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such corpus split (run scripts/tiny_corpus.py build)")
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
-
-
-def token_stream(docs: list[dict[str, str]], tokenizer: Any, bos_id: int, eos_id: int) -> list[int]:
-    """``BOS doc EOS BOS doc EOS ...`` with a ``tokenizers.Tokenizer`` (special tokens added here, not by it)."""
-    ids: list[int] = []
-    for enc in tokenizer.encode_batch([d["text"] for d in docs], add_special_tokens=False):
-        ids += [bos_id, *enc.ids, eos_id]
-    return ids
-
-
-def token_windows(ids: list[int], seq_len: int) -> "Any":
-    """Non-overlapping ``[n, seq_len]`` LongTensor windows of the stream (the ragged tail is dropped)."""
-    import torch
-
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
 def main() -> None:

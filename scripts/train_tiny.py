@@ -3,7 +3,7 @@
 Everything is seeded: the BPE tokenizer, the weights, the hash layer's token->expert table and the batch
 order. Stages:
 
-1. tokenizer: byte-level BPE trained on ``data/tiny_corpus/train.jsonl`` (see ``tiny_corpus.py``), saved
+1. tokenizer: byte-level BPE trained on ``data/tiny_corpus/train.jsonl`` (``scripts/tiny_corpus.py``), saved
    in HF format (``tokenizer.json`` + ``tokenizer_config.json``; BOS is prepended by its post-processor);
 2. model: the real architecture at toy size (:data:`ARCH`): sliding-only, CSA (ratio 4 + indexer) and HCA
    (ratio 128) layers, one hash layer, routed + shared experts, one MTP block;
@@ -35,17 +35,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_corpus import load_split, token_stream, token_windows  # noqa: E402
+from vllm_deepseek_v4.config import DSV4Config
+from vllm_deepseek_v4.devtools.corpus import load_split, token_stream, token_windows
+from vllm_deepseek_v4.devtools.records import meta, portable
+from vllm_deepseek_v4.model import DSV4Model, init_random_
+from vllm_deepseek_v4.model.moe import MoE
+from vllm_deepseek_v4.model.mtp_eval import mtp_scores, teacher_forced_losses
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import meta  # noqa: E402
-
-from vllm_deepseek_v4.config import DSV4Config  # noqa: E402
-from vllm_deepseek_v4.model import DSV4Model, init_random_  # noqa: E402
-from vllm_deepseek_v4.model.moe import MoE  # noqa: E402
-from vllm_deepseek_v4.model.mtp_eval import mtp_scores, teacher_forced_losses  # noqa: E402
 
 DEFAULT_OUT = ROOT / "src" / "vllm_deepseek_v4" / "assets" / "tiny"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "train_tiny"
@@ -204,7 +201,7 @@ def _logits(model: DSV4Model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 # ---- report ----
 def write_report(path: Path, rec: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(rec, indent=1) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(portable(rec), indent=1) + "\n")   # repo-relative paths
     m, a, e = rec["meta"], rec["args"], rec["eval"]
     rows = [("train (fp32 weights)", e["train_fp32"]), ("held-out (fp32 weights)", e["heldout_fp32"]),
             ("held-out (bf16 weights, fp32 compute)", e["heldout_bf16w_fp32"]),

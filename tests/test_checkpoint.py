@@ -19,8 +19,6 @@ from safetensors.torch import save_file
 from vllm_deepseek_v4.checkpoint import DTYPE_SIZES, Checkpoint, TensorInfo, TensorReader, scan_checkpoint
 from vllm_deepseek_v4.errors import CheckpointError, TensorDtypeError, TensorShapeError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-INVENTORY_TOOL = SHARED / "tools" / "dsv4_inventory.py"
 INDEX = "model.safetensors.index.json"
 
 # torch dtype -> safetensors code, for every dtype the reader must round-trip exactly.
@@ -97,13 +95,9 @@ def msg(path: Path, tensor: str | None, text: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def flash(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The published DSv4-Flash layout as a sparse artifact (real headers, zero-filled holes, ~13 MB on disk)."""
-    if not INVENTORY_TOOL.exists():
-        pytest.skip(f"shared inventory tool not found at {INVENTORY_TOOL}")
-    out = tmp_path_factory.mktemp("flash")
-    subprocess.run([sys.executable, str(INVENTORY_TOOL), "sparse", "flash", str(out)], check=True, capture_output=True)
-    return out
+def flash(flash_dir: Path) -> Path:
+    """The published DSv4-Flash layout as a sparse artifact (``devtools.flash``, materialised by conftest)."""
+    return flash_dir
 
 
 # --------------------------------------------------------------------------------------------- scanning

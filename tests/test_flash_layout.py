@@ -5,10 +5,10 @@ import json
 import subprocess
 import sys
 
-import pytest
-from artifacts import rename_hf
 
 from vllm_deepseek_v4.cli.main import main
+from vllm_deepseek_v4.devtools import flash
+from vllm_deepseek_v4.devtools.artifacts import rename_hf
 
 FLASH_TENSORS = 69_187
 
@@ -18,10 +18,10 @@ def inspect_json(path, *extra, capsys) -> tuple[int, dict]:
     return rc, json.loads(capsys.readouterr().out)
 
 
-def derive(inventory, tmp_path, name, transform):
+def derive(tmp_path, name, transform):
     """Materialise the Flash inventory after ``transform(list of (name, shape, dtype, file)) -> list``."""
     d = tmp_path / name
-    inventory.materialise("flash", str(d), transform(inventory.inventory("flash")))
+    flash.materialise(d, transform(flash.inventory()))
     return d
 
 
@@ -60,17 +60,17 @@ def _nvfp4_trunk_bf16_mtp(inv):
     return out
 
 
-def test_nvfp4_trunk_with_bf16_mtp_variant(inventory, tmp_path, capsys):
-    d = derive(inventory, tmp_path, "nvfp4", _nvfp4_trunk_bf16_mtp)
+def test_nvfp4_trunk_with_bf16_mtp_variant(tmp_path, capsys):
+    d = derive(tmp_path, "nvfp4", _nvfp4_trunk_bf16_mtp)
     rc, rep = inspect_json(d, capsys=capsys)
     assert rc == 0 and rep["ok"] and rep["mtp"]["complete"]
     assert rep["quant"]["main"]["experts"] == "nvfp4" and rep["quant"]["main"]["attn"] == "fp8_block"
     assert set(rep["quant"]["mtp.0"].values()) == {"bf16"}
-    assert sum(1 for n, *_ in _nvfp4_trunk_bf16_mtp(inventory.inventory("flash")) if n.startswith("mtp.")) == 797
+    assert sum(1 for n, *_ in _nvfp4_trunk_bf16_mtp(flash.inventory()) if n.startswith("mtp.")) == 797
 
 
-def test_hf_named_variant(inventory, tmp_path, capsys):
-    d = derive(inventory, tmp_path, "hf", lambda inv: [(rename_hf(n, 43), s, dt, f) for n, s, dt, f in inv])
+def test_hf_named_variant(tmp_path, capsys):
+    d = derive(tmp_path, "hf", lambda inv: [(rename_hf(n, 43), s, dt, f) for n, s, dt, f in inv])
     rc, rep = inspect_json(d, capsys=capsys)
     assert rc == 0 and rep["ok"] and rep["tensors"] == FLASH_TENSORS
     assert rep["naming"] == "hf"          # model.mtp.K. is a declared HF-convention MTP scope
@@ -78,8 +78,8 @@ def test_hf_named_variant(inventory, tmp_path, capsys):
     assert rep["quant"]["mtp.0"]["experts"] == "mxfp4"
 
 
-def test_no_mtp_variant_fails_unless_no_mtp(inventory, tmp_path, capsys):
-    d = derive(inventory, tmp_path, "nomtp", lambda inv: [r for r in inv if not r[0].startswith("mtp.")])
+def test_no_mtp_variant_fails_unless_no_mtp(tmp_path, capsys):
+    d = derive(tmp_path, "nomtp", lambda inv: [r for r in inv if not r[0].startswith("mtp.")])
     rc, rep = inspect_json(d, capsys=capsys)
     assert rc == 1 and not rep["ok"] and not rep["mtp"]["complete"]
     assert rep["missing"][0]["param"] == "mtp.*" and "transformers" in rep["missing"][0]["reason"]

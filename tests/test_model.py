@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +27,6 @@ from vllm_deepseek_v4.model.primitives import apply_rope, rope_inv_freq
 
 T = 48
 ATOL = 1e-4
-INVENTORY = Path(__file__).resolve().parents[2] / "shared" / "tools" / "dsv4_inventory.py"
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32, "i64": torch.int64, "i8": torch.int8,
           "e4m3": torch.float8_e4m3fn, "e8m0": torch.float8_e8m0fnu}
 
@@ -45,16 +43,13 @@ def ids() -> torch.Tensor:
 
 # ---- names and shapes ----
 def test_state_dict_matches_published_flash_inventory() -> None:
-    if not INVENTORY.exists():
-        pytest.skip(f"{INVENTORY} not present")
-    sys.path.insert(0, str(INVENTORY.parent))
-    import dsv4_inventory as inv
+    from vllm_deepseek_v4.devtools import flash as inv
 
-    cfg = DSV4Config.from_dict(inv.config("flash"))
+    cfg = DSV4Config.from_dict(inv.config())
     pub = {"attn": "fp8_block", "indexer": "fp8_block", "experts": "mxfp4", "shared_experts": "fp8_block"}
     m = build_model(cfg, schemes={"main": pub, "mtp.0": {**pub, "e_proj": "fp8_block", "h_proj": "fp8_block"}})
     have = {n: (tuple(t.shape), t.dtype) for n, t in m.state_dict().items()}
-    want = {n: (tuple(s), DTYPES[d]) for n, s, d, _ in inv.inventory("flash")}
+    want = {n: (tuple(s), DTYPES[d]) for n, s, d, _ in inv.inventory()}
     assert sorted(set(want) ^ set(have)) == []
     assert [(n, want[n], have[n]) for n in want if want[n] != have[n]] == []
 

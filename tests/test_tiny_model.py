@@ -7,7 +7,6 @@ chance (and far above the same draft with its own weights re-randomised).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,12 @@ from safetensors.torch import load_file
 from vllm_deepseek_v4.assets import tiny_model_path
 from vllm_deepseek_v4.cli.main import main as dsv4_main
 from vllm_deepseek_v4.config import load_config
+from vllm_deepseek_v4.devtools.corpus import heldout_windows, load_split
 from vllm_deepseek_v4.loader.load import load_model
 from vllm_deepseek_v4.model import DSV4Model, init_random_
 from vllm_deepseek_v4.model.mtp_eval import mtp_scores
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from tiny_corpus import load_split, token_stream, token_windows  # noqa: E402
-
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 
 PATH = tiny_model_path()
 WINDOWS, SEQ = 4, 256          # a fixed held-out slice: the first 4 x 256 tokens of the held-out stream
@@ -42,9 +39,7 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def heldout() -> torch.Tensor:
-    tok = tokenizers.Tokenizer.from_file(str(Path(PATH) / "tokenizer.json"))
-    ids = token_stream(load_split("heldout"), tok, tok.token_to_id("<|bos|>"), tok.token_to_id("<|eos|>"))
-    return token_windows(ids, SEQ)[:WINDOWS]
+    return heldout_windows(PATH, WINDOWS, SEQ)
 
 
 def test_verify_passes(capsys):

@@ -1,4 +1,4 @@
-"""The artifact zoo (``scripts/build_zoo.py``), built here from a random tiny artifact in a temp dir.
+"""The artifact zoo (``devtools.zoo``, command line ``scripts/build_zoo.py``), built here from a random tiny artifact in a temp dir.
 
 Checked against tables written in this file (not the builder's own): every layout plans with the expected
 scheme per group for ``main`` and ``mtp.0``, carries the on-disk roles and ``quantization_config`` of its real
@@ -11,27 +11,25 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from artifacts import make_checkpoint, write_artifact
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vllm_deepseek_v4.cli.main import main as dsv4_main
+from vllm_deepseek_v4.devtools.artifacts import make_checkpoint, write_artifact
 from vllm_deepseek_v4.errors import AliasMismatchError, PlanError
 from vllm_deepseek_v4.loader.load import load_model
 from vllm_deepseek_v4.loader.plan import build_plan
 from vllm_deepseek_v4.model.speculative import speculative_generate
 from vllm_deepseek_v4.quant.numerics import quantize
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 pytest.importorskip("compressed_tensors")
 pytest.importorskip("transformers")
-import build_zoo  # noqa: E402
+from vllm_deepseek_v4.devtools import zoo as build_zoo  # noqa: E402  (after the peer-library skips)
 
 F8, MX, NV, W4 = "fp8_block", "mxfp4", "nvfp4", "w4a16"
 NATIVE_MTP = {"attn": F8, "shared_experts": F8, "experts": MX, "e_proj": F8, "h_proj": F8}

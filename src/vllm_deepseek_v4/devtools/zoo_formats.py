@@ -1,4 +1,4 @@
-"""Quantized tensors and ``quantization_config`` blocks as the real producers write them (for build_zoo.py).
+"""Quantized tensors and ``quantization_config`` blocks as the real producers write them (for ``zoo``).
 
 Producers (the on-disk roles of one linear ``X`` from its float weight):
 
@@ -25,7 +25,7 @@ from vllm_deepseek_v4.quant.numerics import quantize
 __all__ = ["PRODUCERS", "quantize_linear", "deepseek_fp8_config", "ct_config", "modelopt_configs", "CT_GROUPS"]
 
 PRODUCERS = ("deepseek", "ct", "modelopt")
-W4A16_GROUP = 32          # canada-quant's W4A16 experts (checkpoint-formats.md 6.6)
+W4A16_GROUP = 32          # canada-quant's W4A16 experts (docs/checkpoint-formats.md §6.6)
 
 
 def _ct_nvfp4(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -158,12 +158,13 @@ def _mtp_only(target: str, n_layers: int) -> str:
 def modelopt_configs(nvfp4_modules: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(config.json quantization_config, hf_quant_config.json)`` of the published DSv4 NVFP4 layout: native
     FP8 (DeepSeek block, e8m0) everywhere it was, ModelOpt NVFP4 main routed experts, the MTP untouched
-    (checkpoint-formats.md 5 and 6.8; the exact files are unverified there). vLLM reads the ``fp8`` block with
-    ``moe_quant_algo: NVFP4``; ModelOpt's own file lists the NVFP4 modules (``MIXED_PRECISION``)."""
+    (docs/checkpoint-formats.md §5 and §6.8; the published files themselves are unverified). vLLM reads the
+    ``fp8`` block with ``moe_quant_algo: NVFP4``; ModelOpt's own file lists the NVFP4 modules
+    (``MIXED_PRECISION``)."""
     excluded = ["*.attn.*", "*.ffn.shared_experts.*", "*.ffn.gate", "head", "embed", "mtp.*"]
     quantization = {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "moe_quant_algo": "NVFP4",
                     "quantized_layers": {m: {"quant_algo": "NVFP4", "group_size": 16} for m in nvfp4_modules},
                     "exclude_modules": excluded}
-    hf_quant = {"producer": {"name": "modelopt", "version": "none: layout emulated by scripts/build_zoo.py"},
+    hf_quant = {"producer": {"name": "modelopt", "version": "none: layout emulated by vllm_deepseek_v4.devtools.zoo"},
                 "quantization": quantization}
     return deepseek_fp8_config(moe_quant_algo="NVFP4"), hf_quant

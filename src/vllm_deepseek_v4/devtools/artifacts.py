@@ -1,4 +1,4 @@
-"""Build tiny synthetic DSv4 artifacts in every naming convention and quant format, for loader tests.
+"""Tiny synthetic DSv4 artifacts in every naming convention and quant format, for loader tests and the zoo.
 
 The renaming here is written independently of ``naming/rules`` (explicit per-convention tables, applied
 from canonical names outwards), so loading what this writes tests the rule tables rather than restating them.
@@ -6,7 +6,6 @@ from canonical names outwards), so loading what this writes tests the rule table
 from __future__ import annotations
 
 import json
-import os
 import re
 from math import ceil
 from pathlib import Path
