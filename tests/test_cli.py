@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import torch
-from artifacts import make_checkpoint
+from vllm_deepseek_v4.devtools.artifacts import make_checkpoint
 
 from vllm_deepseek_v4.cli.main import main
 
