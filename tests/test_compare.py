@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from artifacts import NATIVE, make_checkpoint, make_config
+from vllm_deepseek_v4.devtools.artifacts import NATIVE, make_checkpoint, make_config
 
 from vllm_deepseek_v4.cli.compare_cmd import default_ids
 from vllm_deepseek_v4.cli.main import main
