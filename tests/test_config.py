@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from artifacts import make_config
+from vllm_deepseek_v4.devtools.artifacts import make_config
 
 from vllm_deepseek_v4.config import DSV4Config, load_config
 from vllm_deepseek_v4.errors import ConfigError
