@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from artifacts import NATIVE, canonical_tensors, float_tensors, make_config, to_convention, write_artifact
+from vllm_deepseek_v4.devtools.artifacts import NATIVE, canonical_tensors, float_tensors, make_config, to_convention, write_artifact
 
 from vllm_deepseek_v4.kernels.linear import dequantized_weight
 from vllm_deepseek_v4.loader.load import load_model
