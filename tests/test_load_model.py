@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from artifacts import make_checkpoint, make_config
+from vllm_deepseek_v4.devtools.artifacts import make_checkpoint, make_config
 
 from vllm_deepseek_v4.loader.load import load_model
 from vllm_deepseek_v4.model.init import init_random_  # noqa: F401  (the model package is importable)
