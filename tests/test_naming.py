@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from artifacts import RENAMERS, make_config
+from vllm_deepseek_v4.devtools.artifacts import RENAMERS, make_config
 from hypothesis import given
 from hypothesis import strategies as st
 
