@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from artifacts import NATIVE, canonical_tensors, make_checkpoint, make_config, to_convention, write_artifact
+from vllm_deepseek_v4.devtools.artifacts import NATIVE, canonical_tensors, make_checkpoint, make_config, to_convention, write_artifact
 from safetensors.torch import save_file
 
 from vllm_deepseek_v4.errors import PlanError
