@@ -11,7 +11,7 @@ import struct
 
 import pytest
 import torch
-from artifacts import NATIVE, make_checkpoint
+from vllm_deepseek_v4.devtools.artifacts import NATIVE, make_checkpoint
 from hypothesis import given
 from hypothesis import strategies as st
 
