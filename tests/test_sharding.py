@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from artifacts import NATIVE, make_checkpoint, make_config
+from vllm_deepseek_v4.devtools.artifacts import NATIVE, make_checkpoint, make_config
 from hypothesis import given
 from hypothesis import strategies as st
 
