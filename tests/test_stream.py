@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from artifacts import NATIVE, canonical_tensors, make_checkpoint, make_config, to_convention, write_artifact
+from vllm_deepseek_v4.devtools.artifacts import NATIVE, canonical_tensors, make_checkpoint, make_config, to_convention, write_artifact
 
 from vllm_deepseek_v4.errors import AliasMismatchError, CheckpointError, PlanError
 from vllm_deepseek_v4.loader import build_plan
