@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from artifacts import make_checkpoint, make_config
+from vllm_deepseek_v4.devtools.artifacts import make_checkpoint, make_config
 from vllm_deepseek_v4.errors import AliasMismatchError, MissingTensorError
 from vllm_deepseek_v4.loader.load import load_model
 from vllm_deepseek_v4.loader.plan import build_plan
