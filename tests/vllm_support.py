@@ -19,7 +19,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PA
 # Only while an in-process engine starts (so `vllm serve` children of other tests keep vLLM's defaults).
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
-from artifacts import to_convention, write_artifact  # noqa: E402
+from vllm_deepseek_v4.devtools.artifacts import to_convention, write_artifact  # noqa: E402
 from tiny import make_config, make_model  # noqa: E402
 
 from vllm_deepseek_v4.config import DSV4Config  # noqa: E402
