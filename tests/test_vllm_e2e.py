@@ -137,8 +137,7 @@ def test_full_acceptance_when_the_draft_agrees_and_head_is_only_at_top_level(tmp
 
 
 # ---- acceptance in every zoo layout ----
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import build_zoo  # noqa: E402  (scripts/build_zoo.py: every layout users meet, in its real producer's format)
+from vllm_deepseek_v4.devtools import zoo as build_zoo  # noqa: E402  (every layout users meet, in its producer's format)
 
 ZOO = [name for name, layout in build_zoo.LAYOUTS.items() if layout.has_mtp]
 
