@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -137,7 +136,7 @@ def test_full_acceptance_when_the_draft_agrees_and_head_is_only_at_top_level(tmp
 
 
 # ---- acceptance in every zoo layout ----
-from vllm_deepseek_v4.devtools import zoo as build_zoo  # noqa: E402  (every layout users meet, in its producer's format)
+from vllm_deepseek_v4.devtools import zoo as build_zoo  # noqa: E402  (every layout users meet)
 
 ZOO = [name for name, layout in build_zoo.LAYOUTS.items() if layout.has_mtp]
 
