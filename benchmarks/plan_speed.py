@@ -2,7 +2,7 @@
 
 "Raw" is the floor: open each shard, read the 8-byte length and the JSON header, ``json.loads`` it, plus the
 index. "Scan" adds our validation (offsets, dtypes, index <-> files); "plan" adds naming resolution, quant
-detection and strict accounting. Target: plan <= 3x raw and under 1 s (issue 2).
+detection and strict accounting. Target: plan <= 3x raw and under 1 s.
 
 The steps run interleaved (each round times every step once) so that a busy machine slows them alike; wall
 and CPU time are both reported. The planner pauses the cyclic GC while it builds its records (they all stay
@@ -27,10 +27,8 @@ import tempfile
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import meta, write  # noqa: E402
+from vllm_deepseek_v4.devtools.records import meta, write
 
-INVENTORY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "dsv4_inventory.py")
 COLUMNS = ["step", "tensors", "median_s", "p20_s", "p80_s", "ratio_vs_raw", "cpu_median_s", "cpu_ratio_vs_raw"]
 
 
@@ -135,7 +133,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     if args.artifact:
         return measure(args.artifact, args)
     with tempfile.TemporaryDirectory(prefix="flash-") as d:
-        subprocess.run([sys.executable, INVENTORY, "sparse", "flash", d], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "vllm_deepseek_v4.devtools.flash", "sparse", d], check=True, capture_output=True)
         return measure(d, args)
 
 
