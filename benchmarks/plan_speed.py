@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     if args.artifact:
         return measure(args.artifact, args)
     with tempfile.TemporaryDirectory(prefix="flash-") as d:
-        subprocess.run([sys.executable, "-m", "vllm_deepseek_v4.devtools.flash", "sparse", d], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "vllm_deepseek_v4.devtools.flash", "sparse", d],
+                       check=True, capture_output=True)
         return measure(d, args)
 
 
