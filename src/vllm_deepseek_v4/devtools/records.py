@@ -1,4 +1,4 @@
-"""Run records of ``benchmarks/`` and ``scripts/``: timing statistics, run metadata, JSON + markdown output.
+"""Run records of ``benchmarks/`` and ``scripts/``: run metadata, JSON + markdown output.
 
 Everything written here is meant to be committed, so paths are recorded relative to the repository checkout
 (``repo_relative``): a file under the checkout by its relative path, one under the temporary directory as
@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["REPO_ROOT", "meta", "portable", "repo_relative", "timeit", "write", "write_json"]
+__all__ = ["REPO_ROOT", "meta", "portable", "repo_relative", "write", "write_json"]
 
 # The checkout this package runs from (an editable install: src/vllm_deepseek_v4/devtools/records.py).
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -50,20 +48,6 @@ def portable(value: Any) -> Any:
         if eq and opt.startswith("-") and rest.startswith("/"):
             return f"{opt}={repo_relative(rest)}"
     return value
-
-
-def timeit(fn: Callable[[], Any], *, repeat: int, warmup: int = 1) -> dict[str, float]:
-    """Median, p20 and p80 wall seconds of ``fn`` over ``repeat`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
-    return {"median_s": statistics.median(ts), "p20_s": q(0.2), "p80_s": q(0.8), "n": len(ts)}
 
 
 def meta(argv: list[str] | None = None) -> dict[str, Any]:
