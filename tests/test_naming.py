@@ -17,10 +17,16 @@ from vllm_deepseek_v4.naming.tables import compile_rules
 CFG = DSV4Config.from_dict(make_config(num_hidden_layers=12, compress_ratios=[0] * 13, num_hash_layers=0))
 
 
-def test_every_rule_is_anchored_and_has_a_reason():
-    for r in RULES:
-        assert r.pattern.pattern.startswith("^") and r.pattern.pattern.endswith("$")
-        assert r.reason.strip()
+def test_every_table_entry_is_a_checked_rule_and_the_other_construction_checks_hold():
+    # Anchoring and reasons are enforced by Rule.__post_init__ (next test), so the tables hold them iff every
+    # entry went through Rule; the remaining construction checks must refuse as well.
+    from vllm_deepseek_v4.naming.rule import Unfuse
+
+    assert RULES and all(type(r) is Rule for r in RULES)
+    with pytest.raises(ValueError, match=r"unknown conventions \['bogus'\]"):
+        Rule(re.compile("^x$"), "x", "why", conventions=("bogus",))
+    with pytest.raises(ValueError, match=r"an unfuse with parts needs \{part\} in its target"):
+        Rule(re.compile("^x$"), "x", "why", unfuse=Unfuse(parts=("a", "b")))
 
 
 def test_rule_without_reason_or_anchor_is_rejected():
