@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 
-from vllm_deepseek_v4.cli.serve_client import SMALL_CPU_ENV, Server
+from vllm_deepseek_v4.cli.serve_client import Server, small_cpu_env
 
 PROMPTS = ["def fibonacci(n):\n", "The Python standard library", "import os\nimport sys\n\n\ndef main(",
            "class Stack:\n    \"\"\"A last-in first-out"]
@@ -25,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for /health")
-    p.add_argument("--log", default="/tmp/dsv4-demo-serve.log", help="server log file")
+    p.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "dsv4-demo-serve.log"), help="server log file")
     return p.parse_args(argv)
 
 
@@ -43,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(model=args.model, port=args.port, log_path=args.log, start_timeout_s=args.start_timeout,
                     extra_args=["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
                                 "--speculative-config", spec],
-                    # One OpenMP thread per process: spin-waiting threads only slow a tiny model down.
-                    env=dict(SMALL_CPU_ENV))
+                    # 1 GiB of KV cache, one OpenMP thread per process (unless the environment says otherwise).
+                    env=small_cpu_env())
     print(f"starting vllm serve {args.model} (MTP, k={args.num_speculative_tokens}); log: {args.log}", flush=True)
     t0 = time.monotonic()
     with server:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -119,7 +121,16 @@ def test_bench_flags_zero_acceptance_as_broken(tmp_path, monkeypatch, capsys):
     assert rc == 1
     out = capsys.readouterr().out
     assert "health: BROKEN" in out and "near 0" in out and "head/embed" in out
-    assert report["health"]["likely_causes"]
+    assert report["health"]["likely_causes"] and "likely causes (docs/prior-art.md §1):" in out
+
+
+def test_every_listed_cause_is_described_in_the_repo_docs():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "prior-art.md").read_text()
+    for cause in ba.LIKELY_CAUSES:
+        labels = re.match(r"^(F\d)(?:/(F\d))?: ", cause)
+        assert labels, cause
+        for label in filter(None, labels.groups()):
+            assert f"### {label}. " in doc, label
 
 
 def test_bench_args_takes_the_commands_defaults_and_refuses_unknown_options():

@@ -6,8 +6,9 @@ spec-decode counters on ``/metrics`` are diffed around each batch. Reported per 
 rate, per-position acceptance, mean acceptance length, tokens/s and speedup vs the baseline; greedy texts are
 compared with the baseline's (speculative decoding must not change greedy output).
 
-Health: a draft whose greedy acceptance is near 0 is broken, not weak. The command says so (exit 1) and lists
-the usual causes (``../shared/docs/prior-art.md`` F1-F8), after checking the artifact with our own load plan.
+Health: a draft whose greedy acceptance is near 0 is broken, not weak. The command says so (exit 1) and prints
+the usual causes (``LIKELY_CAUSES``, numbered as in ``docs/prior-art.md`` §1), after checking the artifact with our
+own load plan.
 """
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ from typing import Any, Iterable
 
 BROKEN_BELOW = 0.05   # greedy acceptance under 5 %: the draft is not predicting the target at all
 
+# How drafts that load without an error still accept nothing elsewhere (docs/prior-art.md §1, F1-F8).
 LIKELY_CAUSES = [
-    "draft head/embed never loaded (top-level `head.weight`/`embed.weight` skipped by the MTP loader) -> random logits",
-    "draft built with the target's quant config (e.g. NVFP4/FP8 trunk, BF16 MTP on disk) -> wrong dequantisation",
-    "bare `.scale` FP8 companions not detected -> FP8 MTP weights read as BF16",
-    "`mtp.*` dropped or randomly initialised by a conversion (transformers save_pretrained drops `mtp.*`)",
-    "wrong hidden state fed to the MTP (must be the last main layer's 4-stream state before hc_head)",
-    "a DSpark-shaped `mtp.*` block half-loaded as a classic MTP layer",
+    "F1: the draft's head/embed never loaded (top-level `head.weight`/`embed.weight` skipped by the MTP loader) "
+    "-> random logits",
+    "F2/F3: the draft built with the target's quant config (e.g. NVFP4/FP8 trunk, BF16 MTP on disk), or an ignore "
+    "list that matches no runtime prefix -> wrong dequantisation",
+    "F4: bare `.scale` FP8 companions not detected -> FP8 MTP weights read as BF16",
+    "F5: `mtp.*` dropped or randomly initialised by a conversion (transformers save_pretrained drops `mtp.*`)",
+    "F6: a DSpark-shaped `mtp.*` block half-loaded as a classic MTP layer",
+    "F8: the wrong hidden state fed to the MTP (it must be the last main layer's 4-stream state before hc_head)",
 ]
 
 
@@ -277,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     print("health: BROKEN")
     for p in h["problems"]:
         print(f"  - {p}")
-    print("likely causes (see prior-art.md):")
+    print("likely causes (docs/prior-art.md §1):")
     for c in h["likely_causes"]:
         print(f"  - {c}")
     return 1

