@@ -36,7 +36,7 @@ PAIRS = [
     ("NVFP4 (compressed-tensors)", "nvfp4_trunk_bf16_mtp", "nvfp4_trunk_nvfp4_mtp",
      "NVFP4 everywhere (compressed-tensors)"),
 ]
-WITHIN_POINTS = 2.0     # issue 7: quantized drafts within 2 points of BF16
+WITHIN_POINTS = 2.0     # the target: a quantized draft within 2 points of the BF16 draft
 COLUMNS = ["target", "draft", "k", "bf16_draft", "quant_draft", "delta_pts", "binomial_se_pts", "paired_se_pts",
            "per_position_bf16", "per_position_quant", "draft_tokens", "same_text", "tf_agree_bf16", "tf_agree_quant",
            "tf_delta_pts", "tf_paired_se_pts"]

@@ -6,7 +6,7 @@ B in {1, 2, 4, 8, 16, 64} tokens / sequences. Every row first checks the kernel 
 on the same inputs (bf16 bound 2e-2) and times both with ``triton.testing.do_bench`` (median, p20/p80;
 L2 flushed before each run). Bandwidth counts the bytes a kernel must move at least: the weights (+scales)
 of every distinct expert touched, or every distinct KV row read, plus activations in and out; it is
-compared with a device-to-device copy measured in the same run (bytes read + written). Targets (issue 6):
+compared with a device-to-device copy measured in the same run (bytes read + written). Targets:
 MoE >= 70% (mxfp4, nvfp4) / >= 80% (bf16, fp8) of copy bandwidth at B <= 16 and >= 3x the reference;
 attention decode >= 60%.
 

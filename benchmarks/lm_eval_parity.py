@@ -6,7 +6,7 @@ scores *and* identical per-sample responses. The task is made from the tiny mode
 it (``generate_until`` newline); metrics exact match, chrF and BLEU (a tiny model rarely completes a
 line exactly; chrF/BLEU make the scores informative). lm-eval 0.4.13 drives the
 served endpoint through its ``local-completions`` model (``pip install "lm-eval[api]==0.4.13"``; never the
-``[vllm]`` extra, which pulls CUDA vLLM and torch, see ``vllm-cpu.md``).
+``[vllm]`` extra, which pulls CUDA vLLM and torch: ``docs/vllm-cpu.md`` §9).
 
     python benchmarks/lm_eval_parity.py [ARTIFACT] --k 2 --limit 40 --out benchmarks/results/lm_eval_parity
 """
