@@ -8,7 +8,7 @@ each run, and the error is ``||out - ref|| / ||ref||`` against a per-dtype bound
 Where they run: on a CUDA machine in this process (bf16 added). On CPU they need Triton's interpreter, which
 must be switched on before ``triton`` is imported; so :func:`test_kernels_under_the_interpreter` re-runs this
 module in a subprocess with ``TRITON_INTERPRET=1`` and no other test module ever sees the interpreter. The
-interpreter mishandles bf16 arithmetic (``vllm-cpu.md`` section 8), so CPU runs use fp32 and fp16 activations.
+interpreter mishandles bf16 arithmetic (``docs/vllm-cpu.md`` §8), so CPU runs use fp32 and fp16 activations.
 Shapes are tiny but uneven (cropped fp8 blocks, partial K chunks, partial head blocks) because the
 interpreter pays per element.
 
