@@ -254,7 +254,7 @@ def test_sharded_grouped_output_projection_sums_to_the_full_one(plans, tp):
     c, p = plan.cfg, "layers.2.attn."
     o = torch.randn(c.n_heads * c.head_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
-    def project(wo_a, wo_b, o_part):                    # docs/dsv4-architecture.md §5.2: z_g = W_g o_g, out = wo_b concat(z)
+    def project(wo_a, wo_b, o_part):  # docs/dsv4-architecture.md §5.2: z_g = W_g o_g, out = wo_b concat(z)
         g = wo_a.shape[0] // c.o_lora_rank
         z = torch.einsum("gri,gi->gr", wo_a.view(g, c.o_lora_rank, -1), o_part.view(g, -1))
         return wo_b @ z.reshape(-1)
