@@ -1,4 +1,4 @@
-"""KV compressor (CSA/HCA) and the lightning indexer of CSA layers (arch doc sections 6 and 7).
+"""KV compressor (CSA/HCA) and the lightning indexer of CSA layers (docs/dsv4-architecture.md §6, §7).
 
 Every ``r`` tokens a compressor emits one entry: a per-channel softmax-gated sum of the window's projected
 rows. Ratio 4 (CSA) runs in *overlap* mode: entry ``w`` mixes the A halves of window ``w-1`` with the B
@@ -26,7 +26,7 @@ from .primitives import RMSNorm, apply_rope, rope_inv_freq
 
 __all__ = ["CSA_RATIO", "CompressorState", "Compressor", "Indexer"]
 
-CSA_RATIO = 4   # compress_ratios value of CSA layers: overlap compressor + indexer (arch doc 1.2)
+CSA_RATIO = 4   # compress_ratios value of CSA layers: overlap compressor + indexer (docs/dsv4-architecture.md §1.2)
 
 
 @dataclass
