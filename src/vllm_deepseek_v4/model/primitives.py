@@ -1,4 +1,4 @@
-"""Primitives: RMSNorm, embedding, interleaved RoPE with DSv4's two frequency tables (arch doc section 2)."""
+"""Primitives: RMSNorm, embedding, interleaved RoPE with DSv4's two frequency tables (docs/dsv4-architecture.md §2)."""
 from __future__ import annotations
 
 import math
@@ -66,7 +66,7 @@ def rope_inv_freq(cfg: DSV4Config, ratio: int, device: torch.device | str | None
     """Per-pair frequencies ``[rope_head_dim / 2]`` of a layer with compress ratio ``ratio``.
 
     ratio 0 (sliding layers, MTP): ``rope_theta``, no scaling. ratio > 0 (CSA/HCA, all their RoPE uses):
-    ``compress_rope_theta`` with YaRN frequency interpolation and *no* mscale (arch doc section 2).
+    ``compress_rope_theta`` with YaRN frequency interpolation and *no* mscale (docs/dsv4-architecture.md §2).
     """
     if ratio == 0:
         f = _inv_freq(cfg.rope_head_dim, cfg.rope_theta, 1.0, 0, 0.0, 0.0)
