@@ -1,4 +1,4 @@
-"""One decoder block: attention and MoE, each wrapped in a hyper-connection mixing site (arch doc section 4)."""
+"""One decoder block: attention and MoE, each inside a hyper-connection mixing site (docs/dsv4-architecture.md §4)."""
 from __future__ import annotations
 
 import torch
