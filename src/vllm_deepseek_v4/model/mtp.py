@@ -1,4 +1,4 @@
-"""The MTP draft block ``mtp.K`` (arch doc section 10): a full decoder block of layer ``L + K`` fed with the
+"""The MTP draft block ``mtp.K`` (docs/dsv4-architecture.md §10): a full decoder block of layer ``L + K`` fed with the
 main model's pre-``hc_head`` stream state and the embedding of the next token.
 
 It owns ``e_proj``, ``h_proj``, ``enorm``, ``hnorm``, ``norm`` and its own ``hc_head_*`` mixer, but **no**
