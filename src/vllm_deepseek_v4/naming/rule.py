@@ -16,7 +16,7 @@ __all__ = ["Rule", "Unfuse", "ROLE_SUFFIXES", "template_regex", "template_coarse
 
 CONVENTIONS = ("upstream", "hf", "vllm", "nemo")
 
-# Every suffix under which a quantized or plain linear stores a tensor (checkpoint-formats.md 6.9).
+# Every suffix under which a quantized or plain linear stores a tensor (docs/checkpoint-formats.md §6.9).
 ROLE_SUFFIXES = ("weight", "scale", "weight_scale_inv", "weight_scale", "weight_scale_2", "weight_packed",
                  "weight_global_scale", "input_global_scale", "input_scale", "weight_zero_point", "weight_shape")
 
