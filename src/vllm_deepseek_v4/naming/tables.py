@@ -9,7 +9,7 @@ from .rules import hf, nemo, upstream, vllm
 
 __all__ = ["RULES", "PREFIX_ALIASES", "compile_rules", "CoarseIndex", "coarse_index", "RULES_COARSE"]
 
-# Whole-prefix spellings normalised before matching (checkpoint-formats.md section 3).
+# Whole-prefix spellings normalised before matching (docs/checkpoint-formats.md §3).
 PREFIX_ALIASES = (("model.language_model.", "model.", "VL wrapper prefix of the text model"),)
 
 _DIGIT_SEGMENT = re.compile(r"(?:^|\.)\d+(?:\.|$)")
