@@ -2,7 +2,7 @@
 
 Entries are matched against the checkpoint name of each module (in the spelling on disk and the canonical
 upstream one) and against vLLM's runtime prefix (``model.layers.{L+K}.`` for MTP), because configs are
-written in any of these (checkpoint-formats.md section 5.1).
+written in any of these (docs/checkpoint-formats.md §5.1).
 """
 from __future__ import annotations
 
