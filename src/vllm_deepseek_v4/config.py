@@ -19,7 +19,7 @@ __all__ = ["DSV4Config", "load_config"]
 
 _TYPE_TO_RATIO_NAME = {"sliding_attention": 0}  # the other two come from ``compress_rates``
 
-# ModelArgs name -> HF name, for the fields that differ (architecture doc, section 1.3).
+# ModelArgs name -> HF name, for the fields that differ (docs/dsv4-architecture.md §1.3).
 _OFFICIAL_TO_HF = {
     "dim": "hidden_size", "moe_inter_dim": "moe_intermediate_size", "n_layers": "num_hidden_layers",
     "n_hash_layers": "num_hash_layers", "n_mtp_layers": "num_nextn_predict_layers",
