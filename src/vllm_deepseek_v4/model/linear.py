@@ -17,13 +17,13 @@ from ..quant.w4a16 import DEFAULT_GROUP_SIZE
 
 __all__ = ["QLinear", "role_layout", "FP8_BLOCK", "MXFP4_GROUP", "NVFP4_GROUP", "W4A16_GROUP"]
 
-FP8_BLOCK = 128          # quantization_config.weight_block_size = [128, 128] (checkpoint-formats 6.1)
-MXFP4_GROUP = 32         # one e8m0 scale per 32 input columns (checkpoint-formats 6.2)
-NVFP4_GROUP = 16         # one e4m3 scale per 16 input columns (checkpoint-formats 6.3)
+FP8_BLOCK = 128          # quantization_config.weight_block_size = [128, 128] (docs/checkpoint-formats.md §6.1)
+MXFP4_GROUP = 32         # one e8m0 scale per 32 input columns (docs/checkpoint-formats.md §6.2)
+NVFP4_GROUP = 16         # one e4m3 scale per 16 input columns (docs/checkpoint-formats.md §6.3)
 W4A16_GROUP = DEFAULT_GROUP_SIZE   # quant.w4a16's default (32); loaders re-register other groups' ``weight_scale``
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
-# nvfp4 carries exactly one global scale: compressed-tensors divides, ModelOpt multiplies (checkpoint-formats 6.3/6.7).
+# nvfp4: one global scale; compressed-tensors divides, ModelOpt multiplies (docs/checkpoint-formats.md §6.3, §6.7).
 _EXCLUSIVE = {"weight_scale_2": "weight_global_scale", "weight_global_scale": "weight_scale_2"}
 
 
