@@ -1,0 +1,124 @@
+"""One native load: plan -> per-class quant configs -> vLLM's target and MTP built and filled.
+
+    from vllm_deepseek_v4.native import load_native
+    res = load_native(path, device="cpu")      # or "meta": headers only
+    res.target, res.mtp                        # vLLM's own DeepseekV4ForCausalLM / DeepSeekV4MTP
+    res.reports["mtp"].to_json()               # accounting, quant methods, shared embed/head
+    res.process_weights()                      # vLLM's process_weights_after_loading on both (cpu only)
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .loader import ClassReport, load_class, module_schemes
+from .quant_config import QuantChoice, choose_family, make_quant_config
+
+__all__ = ["NativeResult", "load_native"]
+
+
+@dataclass
+class NativeResult:
+    path: str
+    device: str
+    tp: int
+    plan: Any
+    vllm_config: Any = None
+    target: Any = None
+    mtp: Any = None
+    quant: dict[str, QuantChoice] = field(default_factory=dict)
+    quant_configs: dict[str, Any] = field(default_factory=dict)
+    reports: dict[str, ClassReport] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    processed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(r.ok for r in self.reports.values())
+
+    def process_weights(self) -> None:
+        """vLLM's ``process_weights_after_loading`` on both classes (repacks weights: compare values before)."""
+        import torch
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+        from .standins import cpu_standins
+
+        with cpu_standins():
+            for kind, model in (("target", self.target), ("mtp", self.mtp)):
+                if model is None:
+                    continue
+                vc = _with_quant(self.vllm_config, self.quant_configs.get(kind))
+                mc = vc.model_config if kind == "target" else vc.speculative_config.draft_model_config
+                with set_current_vllm_config(vc):
+                    process_weights_after_loading(model, mc, torch.device(self.device))
+        self.processed = True
+
+
+def _with_quant(vc: Any, qc: Any) -> Any:
+    import copy
+
+    out = copy.copy(vc)
+    object.__setattr__(out, "quant_config", qc)
+    return out
+
+
+def _extra_ignored(kind: str, plan: Any) -> list[str]:
+    """Embedding / LM-head modules (never quantized here) so a compressed-tensors config ignores them."""
+    if kind == "target":
+        return ["model.embed_tokens", "lm_head"]
+    L = plan.cfg.n_layers
+    return ["model.embed_tokens"] + [f"model.layers.{L + k}.shared_head.head" for k in range(plan.cfg.n_mtp_layers)]
+
+
+def load_native(path: str, *, device: str = "meta", tp: int = 1, rank: int = 0, plan: Any = None,
+                with_mtp: bool = True) -> NativeResult:
+    """Build vLLM's own target (and MTP draft) for ``path`` and load them through our plan.
+
+    ``device="meta"`` reads headers only (tensors become meta tensors of the right dtype and shape);
+    ``"cpu"`` reads values. ``tp > 1``: vLLM's TP group is made to report ``tp`` ranks with this process as
+    ``rank`` (meta only: no collective runs while building or loading).
+    """
+    from ..loader import build_plan
+    from .build import construct, ensure_distributed, make_vllm_config, share_from_target, tp_rank_view
+    from .standins import cpu_standins
+
+    if tp > 1 and device != "meta":
+        raise ValueError("tp > 1 is checked on the meta device only (one process plays one rank)")
+    plan = plan if plan is not None else build_plan(path)
+    res = NativeResult(path, device, tp, plan)
+    if not plan.ok:
+        res.problems += [f"plan: {p}" for p in plan.problems()]
+        return res
+    with_mtp = with_mtp and plan.include_mtp and plan.cfg.n_mtp_layers > 0
+    kinds = ("target", "mtp") if with_mtp else ("target",)
+    for kind in kinds:
+        mods, probs = module_schemes(plan, kind)
+        choice = choose_family(mods)
+        res.quant[kind] = choice
+        res.problems += [f"{kind}: {p}" for p in probs + choice.problems]
+    if res.problems:
+        return res
+    from ..loader.stream import PositionalReader
+
+    reader_cm = PositionalReader(plan.checkpoint) if device != "meta" else contextlib.nullcontext()
+    with cpu_standins(), reader_cm as reader:
+        vc = make_vllm_config(path, tp=tp, native=True, with_mtp=with_mtp)
+        res.vllm_config = vc
+        ensure_distributed(vc)
+        with tp_rank_view(tp, rank):
+            for kind in kinds:
+                res.quant_configs[kind] = make_quant_config(res.quant[kind], extra_ignored=_extra_ignored(kind, plan))
+            res.target = construct(vc, "target", device=device, quant_config=res.quant_configs["target"])
+            res.reports["target"] = load_class(res.target, "target", plan, reader=reader, device=device,
+                                               family=res.quant["target"].family,
+                                               quant_config=res.quant_configs["target"])
+            if with_mtp:
+                res.mtp = construct(vc, "mtp", device=device, quant_config=res.quant_configs["mtp"],
+                                    share_embeddings=True)
+                shared = share_from_target(res.mtp, res.target)
+                res.reports["mtp"] = load_class(res.mtp, "mtp", plan, reader=reader, device=device,
+                                                family=res.quant["mtp"].family,
+                                                quant_config=res.quant_configs["mtp"], shared=shared)
+    return res
