@@ -9,10 +9,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import bench_acceptance, compare_cmd, inspect_cmd, verify_cmd
+from . import bench_acceptance, check_vllm_cmd, compare_cmd, inspect_cmd, verify_cmd
 
 _COMMANDS = {"inspect": inspect_cmd, "verify": verify_cmd, "compare": compare_cmd,
-             "bench-acceptance": bench_acceptance}
+             "bench-acceptance": bench_acceptance, "check-vllm": check_vllm_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:
