@@ -210,3 +210,17 @@ def test_cli_json_and_exit_codes(geo_zoo: Path, tmp_path: Path) -> None:
     assert subprocess.run([*dsv4, str(tmp_path / "nope")], capture_output=True).returncode == 3
     assert subprocess.run([*dsv4, str(geo_zoo / "upstream_bf16"), "--tp", "2", "--device", "cpu"],
                           capture_output=True).returncode == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ("upstream_fp8_mxfp4", "nvfp4_trunk_nvfp4_mtp", "modelopt_mixed", "w4a16_trunk"))
+def test_native_meta_tp2(geo_zoo: Path, layout: str) -> None:
+    """TP = 2 on meta: every rank's vLLM parameters (per-rank shapes, vLLM's TP slicing) filled or explained."""
+    from vllm_deepseek_v4.native import check_vllm, load_native
+
+    doc = check_vllm(str(geo_zoo / layout), tp=2, stock=False)
+    assert doc["ok"], (doc["problems"], doc["target"]["uncovered"], doc["target"]["errors"], doc["mtp"]["errors"])
+    res = load_native(str(geo_zoo / layout), device="meta", tp=2, rank=1)
+    wq_b = dict(res.target.named_parameters())
+    key = next(k for k in wq_b if k.startswith("model.layers.1.attn.wq_b.weight"))
+    assert wq_b[key].shape[0] == 1024 // 2                  # n_heads * head_dim split over 2 ranks
