@@ -41,7 +41,18 @@ def run(args: argparse.Namespace) -> int:
         return 3
     from ..native.check import check_vllm
 
-    doc = check_vllm(args.path, device=args.device, tp=args.tp, stock=not args.no_stock)
+    if args.json:                    # vLLM logs to stdout: keep fd 1 for the JSON document alone
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
+        try:
+            doc = check_vllm(args.path, device=args.device, tp=args.tp, stock=not args.no_stock)
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+    else:
+        doc = check_vllm(args.path, device=args.device, tp=args.tp, stock=not args.no_stock)
     if args.json:
         print(json.dumps(doc, indent=1))
     else:
