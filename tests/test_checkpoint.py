@@ -1,4 +1,5 @@
-"""Tests for ``vllm_deepseek_v4.checkpoint``: header scanning, validation errors, lazy reads, the DSv4-Flash layout."""
+"""Tests for ``vllm_deepseek_v4.checkpoint``: header scanning, validation errors, reads at the scanned offsets
+(through ``loader.stream.PositionalReader``, the reader loading uses), the DSv4-Flash layout."""
 from __future__ import annotations
 
 import json
@@ -16,8 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from vllm_deepseek_v4.checkpoint import DTYPE_SIZES, Checkpoint, TensorInfo, TensorReader, scan_checkpoint
-from vllm_deepseek_v4.errors import CheckpointError, TensorDtypeError, TensorShapeError
+from vllm_deepseek_v4.checkpoint import DTYPE_SIZES, Checkpoint, TensorInfo, scan_checkpoint
+from vllm_deepseek_v4.errors import CheckpointError
+from vllm_deepseek_v4.loader.records import Source
+from vllm_deepseek_v4.loader.stream import PositionalReader
 
 INDEX = "model.safetensors.index.json"
 
@@ -279,6 +282,23 @@ BAD_ENTRIES = {   # case -> (header, data bytes, tensor named, message after "{f
                        "trailing bytes after the last tensor: expected data region of 2 bytes, found 6 bytes"),
     "overlapping_tensors": ({"x": entry("U8", [4], [0, 4]), "y": entry("U8", [2], [2, 4])}, 4, "y",
                             "tensor overlaps x: expected data_offsets start 4, found start 2"),
+    "gap_between_tensors": ({"x": entry("U8", [2], [0, 2]), "y": entry("U8", [2], [3, 5])}, 5, "y",
+                            "gap before tensor: expected data_offsets start 2, found start 3"),
+    "entry_not_an_object": ({"x": entry("U8", [2], [0, 2]), "y": [1]}, 2, "y",
+                            "header entry: expected an object {dtype, shape, data_offsets}, found list"),
+    "offsets_missing": ({"x": {"dtype": "U8", "shape": [2]}}, 2, "x",
+                        "bad data_offsets: expected a list [start, end] of non-negative ints, found None"),
+    # JSON true and 2.0 compare equal to ints, but safetensors reads only unsigned integers
+    "bool_in_shape": ({"x": entry("U8", [True], [0, 1])}, 1, "x",
+                      "bad shape: expected a list of non-negative ints, found [True]"),
+    "float_offset": ({"x": entry("U8", [2], [0, 2.0])}, 2, "x",
+                     "bad data_offsets: expected a list [start, end] of non-negative ints, found [0, 2.0]"),
+    "negative_offsets": ({"x": entry("U8", [2], [-2, 0])}, 0, "x",
+                         "bad data_offsets: expected a list [start, end] of non-negative ints, found [-2, 0]"),
+    "negative_dimension": ({"x": entry("U8", [-1], [0, 0])}, 0, "x",
+                           "bad shape: expected a list of non-negative ints, found [-1]"),
+    "sub_byte_rows": ({"x": entry("F4", [3], [0, 1])}, 1, "x",
+                      "F4 shape [3] does not fill whole bytes: expected a multiple of 8 bits, found 12 bits"),
 }
 
 
@@ -288,6 +308,19 @@ def test_inconsistent_offsets_error_names_file_and_tensor(tmp_path: Path, case: 
     path = write_raw(tmp_path / "bad.safetensors", header, b"\0" * nbytes)
     with pytest.raises(CheckpointError, match=msg(path, tensor, text)):
         scan_checkpoint(path)
+
+
+def test_unhashable_dtype_is_an_unknown_dtype(tmp_path: Path) -> None:
+    path = write_raw(tmp_path / "bad.safetensors", {"x": entry(["U8"], [2], [0, 2])}, b"\0" * 2)  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match=r": x: unknown dtype: expected one of .*, found \['U8'\]$"):
+        scan_checkpoint(path)
+
+
+def test_header_order_need_not_be_data_order(tmp_path: Path) -> None:
+    header = {"b": entry("U8", [3], [2, 5]), "a": entry("BF16", [1], [0, 2]), "c": entry("F4", [2, 2], [5, 7])}
+    ckpt = scan_checkpoint(write_raw(tmp_path / "m.safetensors", header, b"\0" * 7))
+    assert [(i.name, i.start, i.end) for i in ckpt.tensors.values()] == [("a", 0, 2), ("b", 2, 5), ("c", 5, 7)]
+    assert ckpt["c"].shape == (2, 2) and ckpt.total_bytes == 7
 
 
 @settings(deadline=None, derandomize=True, max_examples=30)
@@ -300,8 +333,8 @@ def test_scan_matches_what_save_file_wrote(specs: list[tuple[torch.dtype, list[i
         ckpt = scan_checkpoint(f"{tmp}/x.safetensors")
         assert {n: (i.dtype, i.shape) for n, i in ckpt.tensors.items()} == {
             n: (CODES[t.dtype], tuple(t.shape)) for n, t in tensors.items()}
-        with TensorReader(ckpt) as reader:
-            assert all(same_bits(reader.read(ckpt[n]), t) for n, t in tensors.items())
+        with PositionalReader(ckpt) as reader:
+            assert all(same_bits(reader.read_source(ckpt[n]), t) for n, t in tensors.items())
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -313,47 +346,48 @@ def test_read_returns_exact_values_written(tmp_path: Path, dtype: torch.dtype) -
     save_file(written, str(tmp_path / "m.safetensors"))
     ckpt = scan_checkpoint(tmp_path / "m.safetensors")
     assert ckpt["x"].dtype == CODES[dtype]
-    with TensorReader(ckpt) as reader:
-        assert same_bits(reader.read(ckpt["x"]), written["x"])
-        assert same_bits(reader.read(ckpt["y"]), written["y"])
+    with PositionalReader(ckpt) as reader:
+        assert same_bits(reader.read_source(ckpt["x"]), written["x"])
+        assert same_bits(reader.read_source(ckpt["y"]), written["y"])
+
+
+def narrowed(info: TensorInfo, dim: int, start: int, length: int) -> Source:
+    """``info`` as a load source that reads ``[start, start + length)`` along ``dim``."""
+    shape = list(info.shape)
+    shape[dim] = length
+    return Source(info.name, info.file, info.dtype, tuple(shape), (("narrow", dim, start, length),))
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.int8, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("dim", "start", "length"), [(0, 1, 2), (1, 2, 3), (-1, 0, 5), (2, 3, 1), (0, 4, 0)])
-def test_read_slice_returns_that_slice(tmp_path: Path, dtype: torch.dtype, dim: int, start: int, length: int) -> None:
+def test_read_of_a_slice_returns_that_slice(tmp_path: Path, dtype: torch.dtype, dim: int, start: int,
+                                            length: int) -> None:
     full = make_tensor((4, 6, 5), dtype, 3)
     save_file({"x": full}, str(tmp_path / "m.safetensors"))
     ckpt = scan_checkpoint(tmp_path)
-    with TensorReader(tmp_path) as reader:
-        got = reader.read_slice(ckpt["x"], dim, start, length)
+    with PositionalReader(ckpt) as reader:
+        got = reader.read_source(narrowed(ckpt["x"], dim, start, length))
     assert same_bits(got, full.narrow(dim, start, length))
 
 
-def test_read_slice_out_of_range_raises_shape_error(tmp_path: Path) -> None:
-    save_file({"x": torch.zeros(4, 6)}, str(tmp_path / "m.safetensors"))
-    ckpt = scan_checkpoint(tmp_path)
-    with TensorReader(ckpt) as reader, pytest.raises(TensorShapeError, match=msg(
-            tmp_path / "m.safetensors", "x",
-            "slice out of range along dim 1: expected [start, start + length) within [0, 6), found [4, 7)")):
-        reader.read_slice(ckpt["x"], 1, 4, 3)
-
-
-def test_read_of_dtype_without_torch_equivalent_raises_dtype_error(tmp_path: Path) -> None:
+def test_read_of_dtype_without_torch_equivalent_is_an_error(tmp_path: Path) -> None:
     path = write_raw(tmp_path / "m.safetensors", {"x": entry("F6_E2M3", [4], [0, 3])}, b"\0" * 3)
     ckpt = scan_checkpoint(path)
-    with TensorReader(ckpt) as reader, pytest.raises(TensorDtypeError, match=rf"^{re.escape(str(path))}: x: "
-                                                     r"no torch .* dtype for this safetensors code: .*found F6_E2M3$"):
-        reader.read(ckpt["x"])
+    with PositionalReader(ckpt) as reader, pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: x: "
+                                                         r"no torch .* dtype for this safetensors code: .*found F6_E2M3$"):
+        reader.read_source(ckpt["x"])
 
 
 def test_read_of_file_changed_since_scan_is_an_error(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(4, dtype=torch.float32)}, str(tmp_path / "m.safetensors"))
     ckpt = scan_checkpoint(tmp_path)
-    save_file({"x": torch.zeros(2, dtype=torch.float64)}, str(tmp_path / "m.safetensors"))
-    with TensorReader(ckpt) as reader, pytest.raises(CheckpointError, match=msg(
+    size = (tmp_path / "m.safetensors").stat().st_size
+    save_file({"x": torch.zeros(2, dtype=torch.float64), "y": torch.zeros(3)}, str(tmp_path / "m.safetensors"))
+    with PositionalReader(ckpt) as reader, pytest.raises(CheckpointError, match=msg(
             tmp_path / "m.safetensors", "x",
-            "file changed since it was scanned: expected ('F32', [4]), found ('F64', [2])")):
-        reader.read(ckpt["x"])
+            f"file changed since it was scanned: expected {size} bytes, found "
+            f"{(tmp_path / 'm.safetensors').stat().st_size} bytes")):
+        reader.read_source(ckpt["x"])
 
 
 # --------------------------------------------------------------------------------------------- DSv4-Flash layout
@@ -375,9 +409,9 @@ def test_flash_layout_scans_every_tensor_and_byte(flash: Path) -> None:
 
 def test_flash_layout_reads_single_tensors_and_slices_of_huge_ones(flash: Path) -> None:
     ckpt = scan_checkpoint(flash)
-    with TensorReader(ckpt) as reader:
-        scale = reader.read(ckpt["layers.0.attn.wq_a.scale"])
-        rows = reader.read_slice(ckpt["embed.weight"], 0, 129278, 2)
+    with PositionalReader(ckpt) as reader:
+        scale = reader.read_source(ckpt["layers.0.attn.wq_a.scale"])
+        rows = reader.read_source(narrowed(ckpt["embed.weight"], 0, 129278, 2))
     assert (scale.dtype, tuple(scale.shape)) == (torch.float8_e8m0fnu, (8, 32))
     assert (rows.dtype, tuple(rows.shape), bool(rows.eq(0).all())) == (torch.bfloat16, (2, 4096), True)
 

@@ -9,7 +9,9 @@ from vllm_deepseek_v4.devtools.artifacts import NATIVE, canonical_tensors, make_
 from safetensors.torch import save_file
 
 from vllm_deepseek_v4.errors import PlanError
-from vllm_deepseek_v4.loader import build_plan
+from vllm_deepseek_v4.loader import Problem, build_plan
+from vllm_deepseek_v4.loader.records import (ALIAS_SHAPE, DTYPE, DUPLICATE, EXTRA_MTP_LAYER, FOREIGN_MTP, MISSING,
+                                             MTP_DROPPED, MTP_ONLY, QUANT, SHAPE, UNMAPPED)
 
 BF16_MAIN = {"attn": "bf16", "compressor": "bf16", "experts": "bf16", "indexer": "bf16", "router": "bf16",
              "shared_experts": "bf16"}
@@ -35,8 +37,9 @@ def test_bf16_artifact_plans_completely_in_every_convention(tmp_path, convention
 def test_save_pretrained_output_without_mtp_is_hf_naming_and_flags_missing_mtp(tmp_path):
     plan = plan_of(tmp_path, convention="hf_saved", include_mtp=False)
     assert plan.naming == "hf"
-    assert [m["param"] for m in plan.missing] == ["mtp.*"]
-    assert "saved through transformers" in plan.missing[0]["reason"]
+    [dropped] = plan.missing
+    assert (dropped.kind, dropped.part, dropped.tensor) == (MTP_DROPPED, "mtp.*", "mtp.*")
+    assert "saved through transformers" in dropped.reason
     assert build_plan(plan.path, include_mtp=False).ok
 
 
@@ -113,15 +116,19 @@ def test_head_only_inside_mtp_block_still_fills_the_shared_head(tmp_path):
 
 def test_conflicting_alias_shapes_name_both_tensors(tmp_path):
     plan = plan_of(tmp_path, edit=lambda t: t.__setitem__("mtp.0.head.weight", torch.zeros(255, 64)))
-    assert not plan.ok
-    assert any("mtp.0.head.weight" in e and "head.weight" in e and "[255, 64]" in e for e in plan.errors)
+    assert not plan.ok and not plan.mtp_report()["complete"]
+    [p] = plan.errors
+    assert (p.kind, p.part, p.tensor) == (ALIAS_SHAPE, "mtp.0", "mtp.0.head.weight")
+    assert p.reason == "alias of head.weight with a conflicting shape: expected [256, 64], found [255, 64]"
+    assert plan.mtp_problems() == [f"{p.file}: mtp.0.head.weight: {p.reason}"]
 
 
 def test_missing_mtp_block_says_what_happened(tmp_path):
     plan = plan_of(tmp_path, include_mtp=False)
     assert not plan.ok and not plan.mtp_report()["complete"]
-    assert plan.missing == [{"param": "mtp.*", "reason": pytest.approx(plan.missing[0]["reason"])}]
-    assert "num_nextn_predict_layers=1" in plan.missing[0]["reason"] and "transformers" in plan.missing[0]["reason"]
+    assert [(p.kind, p.part) for p in plan.missing] == [(MTP_DROPPED, "mtp.*")]
+    assert "num_nextn_predict_layers=1" in plan.missing[0].reason and "transformers" in plan.missing[0].reason
+    assert plan.to_json()["missing"] == [{"param": "mtp.*", "reason": plan.missing[0].reason}]
     assert build_plan(plan.path, include_mtp=False).ok
 
 
@@ -136,9 +143,12 @@ def test_dspark_shaped_mtp_block_is_refused_listing_unknown_names(tmp_path):
         t["mtp.0.markov_head.weight"] = torch.zeros(4, 4)
         t["mtp.0.main_norm.weight"] = torch.zeros(64)
     plan = plan_of(tmp_path, edit=dspark)
-    assert not plan.ok
-    msg = "\n".join(plan.problems())
-    assert "refusing the mtp.* block" in msg and "mtp.0.markov_head.weight" in msg and "mtp.0.main_norm.weight" in msg
+    assert not plan.ok and not plan.mtp_report()["complete"]
+    assert {(p.kind, p.part, p.tensor) for p in plan.unmapped} == {
+        (UNMAPPED, "mtp.0", "mtp.0.markov_head.weight"), (UNMAPPED, "mtp.0", "mtp.0.main_norm.weight")}
+    [refusal] = plan.errors
+    assert (refusal.kind, refusal.part) == (FOREIGN_MTP, "mtp.*")
+    assert refusal.reason.startswith("refusing the mtp.* block") and "mtp.0.markov_head.weight" in refusal.reason
 
 
 def test_more_mtp_layers_than_config_declares_is_refused(tmp_path):
@@ -146,14 +156,20 @@ def test_more_mtp_layers_than_config_declares_is_refused(tmp_path):
         for n in [n for n in t if n.startswith("mtp.0.")]:
             t["mtp.1." + n[6:]] = t[n].clone()
     plan = plan_of(tmp_path, edit=extra)
-    assert not plan.ok
-    assert any(u["name"] == "mtp.1.e_proj.weight" and "num_nextn_predict_layers=1" in u["reason"] for u in plan.unmapped)
+    assert not plan.ok and not plan.mtp_report()["complete"]
+    extra_layer = [p for p in plan.unmapped if p.tensor == "mtp.1.e_proj.weight"]
+    assert [(p.kind, p.part) for p in extra_layer] == [(EXTRA_MTP_LAYER, "mtp.1")]
+    assert "num_nextn_predict_layers=1" in extra_layer[0].reason
+    assert {p.kind for p in plan.unmapped} == {EXTRA_MTP_LAYER} and [p.kind for p in plan.errors] == [FOREIGN_MTP]
 
 
 def test_mtp_only_tensor_in_a_main_layer_is_an_error(tmp_path):
     plan = plan_of(tmp_path, convention="vllm",
                    edit=lambda t: t.__setitem__("model.layers.1.e_proj.weight", torch.zeros(64, 64)))
-    assert any("model.layers.1.e_proj.weight: only valid in an MTP layer" in e for e in plan.errors)
+    [p] = plan.errors
+    assert (p.kind, p.part, p.tensor, p.reason) == (MTP_ONLY, "main", "model.layers.1.e_proj.weight",
+                                                    "only valid in an MTP layer (index >= 3), found in layer 1")
+    assert p.file.startswith("model-") and plan.mtp_report()["complete"]
 
 
 def test_hash_layer_gate_bias_is_explained_not_an_error(tmp_path):
@@ -164,53 +180,77 @@ def test_hash_layer_gate_bias_is_explained_not_an_error(tmp_path):
 # ---- bad inputs: each names the tensor and the file ----
 def test_unmapped_tensor_names_file_and_tensor(tmp_path):
     plan = plan_of(tmp_path, edit=lambda t: t.__setitem__("layers.0.attn.mystery.weight", torch.zeros(2)))
-    assert [u["name"] for u in plan.unmapped] == ["layers.0.attn.mystery.weight"]
+    assert [(p.kind, p.part, p.tensor, p.reason) for p in plan.unmapped] == [
+        (UNMAPPED, "main", "layers.0.attn.mystery.weight", "matches no naming rule")]
     with pytest.raises(PlanError, match=r"model-0000\d-of-00002\.safetensors: layers\.0\.attn\.mystery\.weight: unmapped"):
         plan.raise_if_bad()
 
 
 def test_missing_parameter_is_listed(tmp_path):
     plan = plan_of(tmp_path, edit=lambda t: t.pop("layers.2.attn.compressor.wgate.weight"))
-    assert plan.missing == [{"param": "layers.2.attn.compressor.wgate.weight", "reason": "not found under any known spelling"}]
+    assert plan.missing == [Problem(MISSING, "main", "layers.2.attn.compressor.wgate.weight", "",
+                                    "not found under any known spelling")]
+    plan = plan_of(tmp_path / "mtp", edit=lambda t: t.pop("mtp.0.enorm.weight"))
+    assert plan.missing == [Problem(MISSING, "mtp.0", "mtp.0.enorm.weight", "",
+                                    "MTP parameter not found under any known spelling")]
+    assert not plan.mtp_report()["complete"] and plan.mtp_problems() == plan.problems()
 
 
 def test_shape_mismatch_names_tensor_file_and_shapes(tmp_path):
     plan = plan_of(tmp_path, edit=lambda t: t.__setitem__("layers.1.attn.wq_a.weight", torch.zeros(33, 64, dtype=torch.bfloat16)))
-    assert any(e.startswith("model-") and "layers.1.attn.wq_a.weight: expected shape [32, 64], found [33, 64]" in e
-               for e in plan.errors)
+    [p] = plan.errors
+    assert (p.kind, p.part, p.tensor, p.reason) == (QUANT, "main", "layers.1.attn.wq_a.weight",
+                                                    "expected shape [32, 64], found [33, 64]")
+    assert p.file.startswith("model-") and plan.problems() == [f"{p.file}: {p.tensor}: {p.reason}"]
 
 
 def test_plain_shape_mismatch(tmp_path):
     plan = plan_of(tmp_path, edit=lambda t: t.__setitem__("layers.1.attn.attn_sink", torch.zeros(5)))
-    assert any("layers.1.attn.attn_sink: expected shape [4] for layers.1.attn.attn_sink, found [5]" in e for e in plan.errors)
+    assert [(p.kind, p.tensor, p.reason) for p in plan.errors] == [
+        (SHAPE, "layers.1.attn.attn_sink", "expected shape [4] for layers.1.attn.attn_sink, found [5]")]
 
 
 def test_dtype_mismatch_names_tensor(tmp_path):
     plan = plan_of(tmp_path, edit=lambda t: t.__setitem__("layers.0.ffn.gate.tid2eid", torch.zeros(256, 2, dtype=torch.float32)))
-    assert any("layers.0.ffn.gate.tid2eid: expected dtype I64 or I32 (expert ids), found F32" in e for e in plan.errors)
+    assert [(p.kind, p.tensor, p.reason) for p in plan.errors] == [
+        (DTYPE, "layers.0.ffn.gate.tid2eid", "expected dtype I64 or I32 (expert ids), found F32")]
 
 
 def test_missing_scale_companion_names_the_weight(tmp_path):
     plan = plan_of(tmp_path, schemes=NATIVE, edit=lambda t: t.pop("layers.1.attn.wo_b.scale"))
-    assert any("layers.1.attn.wo_b.weight: expected an FP8 scale companion" in e for e in plan.errors)
+    [p] = plan.errors
+    assert (p.kind, p.tensor) == (QUANT, "layers.1.attn.wo_b.weight")
+    assert p.reason.startswith("expected an FP8 scale companion")
 
 
 def test_scale_without_weight_names_the_scale(tmp_path):
     plan = plan_of(tmp_path, schemes=NATIVE, edit=lambda t: t.pop("layers.1.attn.wo_b.weight"))
-    assert any("layers.1.attn.wo_b.scale: expected layers.1.attn.wo_b.weight" in e for e in plan.errors)
+    [p] = plan.errors
+    assert (p.kind, p.tensor) == (QUANT, "layers.1.attn.wo_b.scale")
+    assert p.reason.startswith("expected layers.1.attn.wo_b.weight")
 
 
 def test_wrong_block_scale_shape(tmp_path):
     plan = plan_of(tmp_path, schemes=NATIVE,
                    edit=lambda t: t.__setitem__("layers.1.attn.wq_b.scale", t["layers.1.attn.wq_b.scale"].repeat(2, 1)))
-    assert any("layers.1.attn.wq_b.scale: expected 128x128 block scales of shape [2, 1]" in e and "found [4, 1]" in e
-               for e in plan.errors)
+    [p] = plan.errors
+    assert (p.kind, p.tensor) == (QUANT, "layers.1.attn.wq_b.scale")
+    assert p.reason.startswith("expected 128x128 block scales of shape [2, 1]") and p.reason.endswith("found [4, 1]")
 
 
 def test_same_parameter_from_two_spellings_is_a_duplicate(tmp_path):
     plan = plan_of(tmp_path, edit=lambda t: t.__setitem__("model.layers.0.self_attn.q_a_norm.weight", t["layers.0.attn.q_norm.weight"]))
-    assert any("layers.0.attn.q_norm.weight: filled by 2 tensors" in e and "model.layers.0.self_attn.q_a_norm.weight" in e
-               for e in plan.errors)
+    [p] = plan.errors
+    assert (p.kind, p.part, p.tensor, p.file) == (DUPLICATE, "main", "layers.0.attn.q_norm.weight", "")
+    assert p.reason.startswith("filled by 2 tensors: ") and "model.layers.0.self_attn.q_a_norm.weight" in p.reason
+
+
+def test_same_linear_role_from_two_spellings_is_a_duplicate(tmp_path):
+    plan = plan_of(tmp_path, edit=lambda t: t.__setitem__("model.layers.0.self_attn.q_a_proj.weight",
+                                                          t["layers.0.attn.wq_a.weight"]))
+    [p] = plan.errors
+    assert (p.kind, p.part, p.tensor) == (DUPLICATE, "main", "layers.0.attn.wq_a.weight")
+    assert "layers.0.attn.wq_a" not in plan.params and not plan.missing      # reported once, not also missing
 
 
 def test_extra_tensor_in_header_but_not_in_index_is_a_checkpoint_error(tmp_path):

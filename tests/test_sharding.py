@@ -10,13 +10,13 @@ from vllm_deepseek_v4.devtools.artifacts import NATIVE, make_checkpoint, make_co
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_deepseek_v4.checkpoint import TensorReader
 from vllm_deepseek_v4.errors import AmbiguousRuleError, ConfigError, TensorShapeError, UnmappedTensorError
 from vllm_deepseek_v4.loader import build_plan
 from vllm_deepseek_v4.loader import sharding
 from vllm_deepseek_v4.loader.sharding import (COLUMN, EXPERT, HEADS, REPLICATED, ROW, SHARD_RULES, VOCAB, ShardRule,
                                               apply_ops, experts_of_rank, heads_of_rank, local_name, rank_reads,
                                               shard_rule)
+from vllm_deepseek_v4.loader.stream import PositionalReader
 
 # Every TP split divides: 8 heads in 8 output groups (one head each), vocab 256, I = 64, 4 experts.
 BF16_CFG = make_config(num_attention_heads=8, o_groups=8, vocab_size=256, moe_intermediate_size=64)
@@ -48,7 +48,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def assert_ranks_rebuild(plan, tp: int, *, ep: int = 1) -> Counter:
     """Read every rank's slice of every role; split roles concatenate back, whole roles are identical."""
     seen: Counter = Counter()
-    with TensorReader(plan.checkpoint) as reader:
+    with PositionalReader(plan.checkpoint) as reader:
         for name, pp in plan.params.items():
             rule = shard_rule(name)
             dim = rule.dim(ep_size=ep)
@@ -57,7 +57,7 @@ def assert_ranks_rebuild(plan, tp: int, *, ep: int = 1) -> Counter:
             held = [rd for rd in reads if rd]
             assert len(held) == (1 if rule.kind == EXPERT and ep > 1 else len(reads)), name
             for role, src in pp.roles.items():
-                raw = reader.read(plan.checkpoint.tensors[src.tensor])
+                raw = reader.read_source(plan.checkpoint.tensors[src.tensor])
                 full = apply_ops(raw, src.ops)
                 parts = [apply_ops(raw, src.ops + rd[role]) for rd in held]
                 if dim is None or all(rd[role] == () for rd in held):
@@ -243,7 +243,7 @@ def test_ep_needs_the_config_for_the_expert_count(plans):
 def rank_tensor(plan, reader, name, role, tp_rank, tp):
     pp = plan.params[name]
     src = pp.roles[role]
-    raw = reader.read(plan.checkpoint.tensors[src.tensor])
+    raw = reader.read_source(plan.checkpoint.tensors[src.tensor])
     return apply_ops(raw, src.ops + rank_reads(pp, tp_rank=tp_rank, tp_size=tp, cfg=plan.cfg)[role]).double()
 
 
@@ -258,7 +258,7 @@ def test_sharded_grouped_output_projection_sums_to_the_full_one(plans, tp):
         g = wo_a.shape[0] // c.o_lora_rank
         z = torch.einsum("gri,gi->gr", wo_a.view(g, c.o_lora_rank, -1), o_part.view(g, -1))
         return wo_b @ z.reshape(-1)
-    with TensorReader(plan.checkpoint) as reader:
+    with PositionalReader(plan.checkpoint) as reader:
         full = project(rank_tensor(plan, reader, p + "wo_a", "weight", 0, 1),
                        rank_tensor(plan, reader, p + "wo_b", "weight", 0, 1), o)
         parts = []
@@ -280,7 +280,7 @@ def test_sharded_swiglu_experts_sum_to_the_full_one(plans, module):
     def expert(reader, r, tp):
         w1, w3, w2 = (rank_tensor(plan, reader, p + w, "weight", r, tp) for w in ("w1", "w3", "w2"))
         return w2 @ (torch.nn.functional.silu(w1 @ x) * (w3 @ x))
-    with TensorReader(plan.checkpoint) as reader:
+    with PositionalReader(plan.checkpoint) as reader:
         full = expert(reader, 0, 1)
         parts = [expert(reader, r, 4) for r in range(4)]
     torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=1e-10)

@@ -18,11 +18,12 @@ class DSV4Error(Exception):
     def __init__(self, message: str = "", *, file: str | None = None, tensor: str | None = None,
                  expected: object = None, found: object = None, hint: str = "") -> None:
         self.file, self.tensor, self.expected, self.found, self.hint = file, tensor, expected, found, hint
-        parts = [p for p in (file, tensor) if p]
         body = message
         if expected is not None or found is not None:
             body = (body + ": " if body else "") + f"expected {expected}, found {found}"
-        text = ": ".join(parts + ([body] if body else []))
+        # what is wrong, without the file and tensor it is about (a load plan files those separately)
+        self.reason = f"{body}. {hint}" if body and hint else (body or hint)
+        text = ": ".join([p for p in (file, tensor) if p] + ([body] if body else []))
         if hint:
             text = f"{text}. {hint}" if text else hint
         super().__init__(text)

@@ -1,4 +1,4 @@
-"""The safetensors on-disk format: dtype sizes, the per-tensor record, and a header-only parser.
+"""The safetensors on-disk format: dtype tables, the per-tensor record, and a header-only parser.
 
 A file is ``u64 little-endian header length`` + JSON header (``name -> {dtype, shape, data_offsets}``, optional
 ``__metadata__``) + a data region that the tensors tile exactly. Nothing here imports torch or reads tensor data.
@@ -10,13 +10,14 @@ import math
 import struct
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain, compress, repeat
-from operator import is_, itemgetter, sub
-from typing import Final, NamedTuple
+from itertools import chain, compress, count, repeat
+from operator import attrgetter, eq, itemgetter, le, not_, sub
+from typing import Callable, Final, Iterable, NamedTuple, NoReturn
 
 from vllm_deepseek_v4.errors import CheckpointError
 
-__all__ = ["DTYPE_BITS", "DTYPE_SIZES", "MAX_HEADER_BYTES", "Checkpoint", "TensorInfo", "parse_header"]
+__all__ = ["DTYPE_BITS", "DTYPE_SIZES", "TORCH_DTYPE_NAMES", "MAX_HEADER_BYTES", "Checkpoint", "TensorInfo",
+           "parse_header"]
 
 # Bits per element for every dtype code safetensors 0.8 writes (safetensors/src/tensor.rs `Dtype::bitsize`).
 DTYPE_BITS: Final[dict[str, int]] = {
@@ -27,16 +28,26 @@ DTYPE_BITS: Final[dict[str, int]] = {
 }
 # Bytes per element of the whole-byte dtypes (the sub-byte F4/F6 codes have no byte size).
 DTYPE_SIZES: Final[dict[str, int]] = {k: b // 8 for k, b in DTYPE_BITS.items() if b % 8 == 0}
+# safetensors code -> torch dtype attribute (safetensors/bindings/python/py_src/safetensors/torch.py `_TYPES`);
+# names only, so that this module stays torch-free.
+TORCH_DTYPE_NAMES: Final[dict[str, str]] = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+    "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
+    "F64": "float64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F4": "float4_e2m1fn_x2",   # two e2m1 values per element, so torch's last dim is half the header's
+}
 # safetensors refuses larger headers ("header too large"; MAX_HEADER_SIZE in safetensors/src/tensor.rs).
 MAX_HEADER_BYTES: Final[int] = 100_000_000
 _KNOWN = ", ".join(sorted(DTYPE_BITS))
+_DTYPES = frozenset(DTYPE_BITS)
 
 
 class TensorInfo(NamedTuple):
     """Where one tensor lives: ``file`` is relative to the artifact root; ``start``/``end`` are data-region offsets.
 
-    A named tuple (immutable, no per-field ``__init__``) so that 69,187 of them are built in C, in bulk. It is
-    also the load source of the whole tensor: ``tensor`` and ``ops`` read like ``loader.Source`` (a slice).
+    A named tuple (immutable, cheap to build: Flash has 69,187). It is also the load source of the whole
+    tensor: ``tensor`` and ``ops`` read like ``loader.records.Source`` (a slice).
     """
 
     name: str
@@ -58,13 +69,17 @@ class TensorInfo(NamedTuple):
 
     @property
     def tensor(self) -> str:
-        """As a load source: the tensor read is this one (``loader.Source.tensor``)."""
+        """As a load source: the tensor read is this one (``Source.tensor``)."""
         return self.name
 
     @property
     def ops(self) -> tuple[()]:
-        """As a load source: read whole, no slicing (``loader.Source.ops``)."""
+        """As a load source: read whole, no slicing (``Source.ops``)."""
         return ()
+
+
+# Builds a TensorInfo from one tuple without the generated ``__new__`` (a Python-level call per record).
+_tensor_info = partial(tuple.__new__, TensorInfo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +96,7 @@ class Checkpoint:
     def total_bytes(self) -> int:
         """Sum of tensor ``nbytes`` (headers excluded)."""
         infos = self.tensors.values()
-        return sum(map(sub, map(itemgetter(5), infos), map(itemgetter(4), infos)))
+        return sum(map(sub, map(attrgetter("end"), infos), map(attrgetter("start"), infos)))
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -91,6 +106,15 @@ class Checkpoint:
 
     def __getitem__(self, name: str) -> TensorInfo:
         return self.tensors[name]
+
+
+class _Kind(NamedTuple):
+    """A (dtype, shape) pair validated once per artifact: Flash's 69k tensors are ~60 kinds. One ``shape``
+    tuple serves every tensor of the kind, so that planning compares equal shapes by identity first."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int | None                 # None: a negative dimension, or elements that do not fill whole bytes
 
 
 def _fail(path: str, what: str, expected: object, found: object, tensor: str | None = None) -> CheckpointError:
@@ -117,126 +141,145 @@ def _read_header(path: str, size: int) -> tuple[dict[str, object], int]:
     return header, 8 + hlen
 
 
-def _all_sizes(values: list[object]) -> bool:
-    """True if every value is a non-negative int (bools excluded)."""
-    for v in values:
-        if type(v) is not int or v < 0:
-            return False
-    return True
+def _is_sizes(value: object, n: int | None = None) -> bool:
+    """True if ``value`` is a list of non-negative ints (of length ``n`` if given; bools and floats excluded,
+    although they compare equal to ints)."""
+    return (type(value) is list and (n is None or len(value) == n) and {int}.issuperset(map(type, value))
+            and min(value, default=0) >= 0)
 
 
-def _entry(path: str, rel: str, name: str, entry: object, data_len: int) -> TensorInfo:
-    """Validate one header entry against its dtype, shape and the data region's real length."""
-    if not isinstance(entry, dict):
-        raise _fail(path, "header entry", "an object {dtype, shape, data_offsets}", type(entry).__name__, name)
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise _fail(path, "unknown dtype", f"one of {_KNOWN}", repr(dtype), name)
-    bits = DTYPE_BITS[dtype]
-    if type(shape) is not list or not _all_sizes(shape):
-        raise _fail(path, "bad shape", "a list of non-negative ints", repr(shape), name)
-    if type(offsets) is not list or len(offsets) != 2 or not _all_sizes(offsets):
-        raise _fail(path, "bad data_offsets", "a list [start, end] of non-negative ints", repr(offsets), name)
-    start, end = offsets
-    if end < start:
-        raise _fail(path, "data_offsets end before start", f"end >= {start}", f"end {end}", name)
-    numel = math.prod(shape)
-    if numel * bits % 8:
-        raise _fail(path, f"{dtype} shape {shape} does not fill whole bytes", "a multiple of 8 bits",
-                    f"{numel * bits} bits", name)
-    need = numel * bits // 8
-    if end - start != need:
-        raise _fail(path, f"data_offsets [{start}, {end}] disagree with {dtype} shape {shape}",
-                    f"{need} bytes", f"{end - start} bytes", name)
-    if end > data_len:
-        raise _fail(path, "tensor data beyond end of file (truncated shard?)",
-                    f"data end <= {data_len} bytes", f"data end {end} bytes", name)
-    return TensorInfo(name, dtype, tuple(shape), rel, start, end)
+def _is_dtype(value: object) -> bool:
+    return isinstance(value, str) and value in DTYPE_BITS
 
 
-_DTYPE, _SHAPE, _OFFSETS = itemgetter("dtype"), itemgetter("shape"), itemgetter("data_offsets")
-_SPAN = itemgetter(4, 5)                       # (start, end) of a TensorInfo: the data order
-_KNOWN_DTYPES = frozenset(DTYPE_BITS)
-_NBYTES, _KIND_DTYPE, _KIND_SHAPE = itemgetter(0), itemgetter(1), itemgetter(2)
-_new_info = partial(tuple.__new__, TensorInfo)
+def _known_dtypes(dtypes: list[object]) -> bool:
+    try:
+        return _DTYPES.issuperset(dtypes)
+    except TypeError:                          # an unhashable dtype (a list or an object)
+        return False
 
 
-_Kind = tuple[str, tuple[int, ...]]            # (dtype, shape)
+def _kinds(dtypes: list[str], shapes: list[list[int]], kinds: dict[tuple, _Kind]) -> list[_Kind]:
+    """The kind of every entry; kinds not seen in an earlier file of the artifact are added to ``kinds``."""
+    found = list(map(kinds.get, zip(dtypes, map(tuple, shapes))))
+    if None in found:
+        keys = list(zip(dtypes, map(tuple, shapes)))
+        for dtype, shape in set(keys).difference(kinds):
+            bits = math.prod(shape) * DTYPE_BITS[dtype]
+            whole = bits % 8 == 0 and min(shape, default=0) >= 0
+            kinds[dtype, shape] = _Kind(dtype, shape, bits // 8 if whole else None)
+        found = list(map(kinds.__getitem__, keys))
+    return found
 
 
-def _bulk_entries(rel: str, header: dict[str, object], data_len: int,
-                  shared: dict[_Kind, tuple[int, str, tuple[int, ...]]]) -> list[TensorInfo] | None:
-    """All of ``_entry`` and ``_check_tiling`` in whole-header passes that run in C; None if anything is off.
+def _tiles(spans: list[int], data_len: int) -> bool:
+    """True if ``[start0, end0, start1, end1, ...]`` covers ``[0, data_len)`` exactly, in this order."""
+    if not spans:
+        return data_len == 0
+    return spans[0] == 0 and spans[-1] == data_len and spans[1:-1:2] == spans[2::2]
 
-    Only an accelerator: None hands the header to the per-entry checks, which name the first bad tensor.
-    Accepting here implies they accept: the same conditions, tested over all entries at once. ``shared``
-    maps each valid (dtype, shape) seen so far to its size in bytes and one copy of each, so that equal
-    shapes are one tuple (planning compares them by the thousand).
-    """
+
+def _refuse(path: str, header: dict[str, object], ok: Iterable[bool],
+            error: Callable[[int], tuple[str, object, object]]) -> NoReturn:
+    """Raise for the first entry whose ``ok`` is false; ``error(i)`` says (what, expected, found)."""
+    i = next(compress(count(), map(not_, ok)))
+    raise _fail(path, *error(i), list(header)[i])
+
+
+def _fields(path: str, header: dict[str, object]) -> tuple[list[str], list[list[int]], list[list[int]], list[int]]:
+    """Every entry's dtype, shape and data_offsets, checked for their JSON types, and the offsets flattened
+    (``start0 end0 start1 end1 ...``). Numbers are exact ints; their signs are checked with the sizes."""
     entries = header.values()
-    if not entries:
-        return None
-    try:                                        # JSON values: only an object takes a string subscript
-        dtypes, shapes = list(map(_DTYPE, entries)), list(map(_SHAPE, entries))
-        offsets = list(map(_OFFSETS, entries))
-        if not _KNOWN_DTYPES.issuperset(dtypes) or set(map(type, shapes)) != {list} or set(map(len, offsets)) != {2}:
-            return None
-    except (KeyError, TypeError):               # not an object, a missing field, an unhashable dtype, no len
-        return None
-    offs = list(chain.from_iterable(offsets))                 # s0 e0 s1 e1 ...
-    # every number an exact ``int`` (bools and floats excluded), so equal shapes below are identical shapes
-    if set(map(type, offs)) != {int} or not {int}.issuperset(map(type, chain.from_iterable(shapes))):
-        return None
-    starts, ends = offs[0::2], offs[1::2]
-    rows = list(map(shared.get, zip(dtypes, map(tuple, shapes))))     # (bytes, dtype, shape) per kind
-    if None in rows:                            # kinds not seen yet (first file, mostly): few
-        kinds = list(zip(dtypes, map(tuple, shapes)))
-        for kind in set(compress(kinds, map(is_, rows, repeat(None)))):
-            if min(kind[1], default=0) < 0 or math.prod(kind[1]) * DTYPE_BITS[kind[0]] % 8:
-                return None
-            shared[kind] = (math.prod(kind[1]) * DTYPE_BITS[kind[0]] // 8,) + kind
-        rows = list(map(shared.__getitem__, kinds))
-    if list(map(sub, ends, starts)) != list(map(_NBYTES, rows)) or max(ends) > data_len:
-        return None
-    infos = list(map(_new_info, zip(header, map(_KIND_DTYPE, rows), map(_KIND_SHAPE, rows), repeat(rel), starts, ends)))
-    # tiled from 0 in header order (e_i == s_(i+1), sizes >= 0): offsets are >= 0, and header order is
-    # the data order too
-    if offs[0] == 0 and offs[-1] == data_len and offs[1:-1:2] == offs[2::2]:
-        return infos
-    infos.sort(key=_SPAN)
-    spans = list(chain.from_iterable(map(_SPAN, infos)))
-    if spans[0] != 0 or spans[-1] != data_len or spans[1:-1:2] != spans[2::2]:
-        return None
+    try:
+        dtypes = list(map(itemgetter("dtype"), entries))
+        shapes = list(map(itemgetter("shape"), entries))
+        offsets = list(map(itemgetter("data_offsets"), entries))
+    except (KeyError, TypeError):               # an entry that is not an object, or lacks a field
+        if not all(map(isinstance, entries, repeat(dict))):
+            _refuse(path, header, map(isinstance, entries, repeat(dict)), lambda i: (
+                "header entry", "an object {dtype, shape, data_offsets}", type(list(entries)[i]).__name__))
+        dtypes, shapes, offsets = (list(map(dict.get, entries, repeat(field)))     # a missing field is None
+                                   for field in ("dtype", "shape", "data_offsets"))
+    if not _known_dtypes(dtypes):
+        _refuse(path, header, map(_is_dtype, dtypes), lambda i: ("unknown dtype", f"one of {_KNOWN}", repr(dtypes[i])))
+    if not ({list}.issuperset(map(type, shapes)) and {int}.issuperset(map(type, chain.from_iterable(shapes)))):
+        _refuse(path, header, map(_is_sizes, shapes),
+                lambda i: ("bad shape", "a list of non-negative ints", repr(shapes[i])))
+    if not ({list}.issuperset(map(type, offsets)) and {2}.issuperset(map(len, offsets))
+            and {int}.issuperset(map(type, spans := list(chain.from_iterable(offsets))))):
+        _refuse(path, header, map(_is_sizes, offsets, repeat(2)), lambda i: _offsets_error(offsets[i]))
+    return dtypes, shapes, offsets, spans
+
+
+def _tensor_infos(path: str, rel: str, header: dict[str, object], data_len: int,
+                  kinds: dict[tuple, _Kind]) -> list[TensorInfo]:
+    """Validate every header entry and return the tensors in data order.
+
+    Each condition is checked over all entries at once (so that 69k entries cost a few C-level passes, not
+    69k function calls); when one fails, the first entry that fails it is named. ``kinds`` is shared by the
+    files of one artifact.
+    """
+    dtypes, shapes, offsets, spans = _fields(path, header)
+    starts, ends = spans[0::2], spans[1::2]
+    found = _kinds(dtypes, shapes, kinds)
+    nbytes = list(map(attrgetter("nbytes"), found))
+    sizes = list(map(sub, ends, starts))
+    if sizes != nbytes:                         # (a kind's None nbytes equals no size)
+        _refuse(path, header, map(eq, sizes, nbytes),
+                lambda i: _size_error(dtypes[i], shapes[i], starts[i], ends[i], nbytes[i]))
+    if max(ends, default=0) > data_len:
+        _refuse(path, header, map(le, ends, repeat(data_len)), lambda i: (
+            "tensor data beyond end of file (truncated shard?)", f"data end <= {data_len} bytes",
+            f"data end {ends[i]} bytes"))
+    # the kind's dtype and shape: one object each for all tensors of a kind (hashed and compared once)
+    infos = list(map(_tensor_info, zip(header, map(attrgetter("dtype"), found), map(attrgetter("shape"), found),
+                                       repeat(rel), starts, ends)))
+    if not _tiles(spans, data_len):            # header order is not the data order, or the data is not tiled
+        if min(spans) < 0:
+            _refuse(path, header, map(_is_sizes, offsets, repeat(2)), lambda i: _offsets_error(offsets[i]))
+        infos.sort(key=attrgetter("start", "end"))
+        if not _tiles(list(chain.from_iterable(map(attrgetter("start", "end"), infos))), data_len):
+            _refuse_tiling(path, infos, data_len)
     return infos
 
 
-def _check_tiling(path: str, infos: list[TensorInfo], data_len: int) -> None:
-    """Tensors must cover the data region exactly, as safetensors requires ("file not fully covered")."""
+def _offsets_error(offsets: object) -> tuple[str, str, str]:
+    return "bad data_offsets", "a list [start, end] of non-negative ints", repr(offsets)
+
+
+def _size_error(dtype: str, shape: list[int], start: int, end: int, nbytes: int | None) -> tuple[str, str, str]:
+    """Why ``data_offsets`` do not hold a tensor of ``dtype`` and ``shape``: (what, expected, found)."""
+    if min(shape, default=0) < 0:
+        return "bad shape", "a list of non-negative ints", repr(shape)
+    if end < start:
+        return "data_offsets end before start", f"end >= {start}", f"end {end}"
+    if nbytes is None:
+        return (f"{dtype} shape {shape} does not fill whole bytes", "a multiple of 8 bits",
+                f"{math.prod(shape) * DTYPE_BITS[dtype]} bits")
+    return f"data_offsets [{start}, {end}] disagree with {dtype} shape {shape}", f"{nbytes} bytes", f"{end - start} bytes"
+
+
+def _refuse_tiling(path: str, infos: list[TensorInfo], data_len: int) -> NoReturn:
+    """Name where sorted tensors fail to cover the data region exactly, as safetensors requires ("file not
+    fully covered")."""
     pos, prev = 0, None
     for info in infos:
         if info.start != pos:
             what = "gap before tensor" if info.start > pos else f"tensor overlaps {prev}"
             raise _fail(path, what, f"data_offsets start {pos}", f"start {info.start}", info.name)
         pos, prev = info.end, info.name
-    if pos != data_len:
-        raise _fail(path, "trailing bytes after the last tensor", f"data region of {pos} bytes",
-                    f"{data_len} bytes", prev)
+    raise _fail(path, "trailing bytes after the last tensor", f"data region of {pos} bytes", f"{data_len} bytes", prev)
 
 
-def parse_header(path: str, rel: str, size: int, shared: dict | None = None) -> tuple[list[TensorInfo], dict[str, str]]:
+def parse_header(path: str, rel: str, size: int,
+                 kinds: dict | None = None) -> tuple[list[TensorInfo], dict[str, str]]:
     """Parse and validate one file's header; returns its tensors in data order and its ``__metadata__``.
 
-    ``shared``: a dict kept across the files of one artifact (see ``_bulk_entries``)."""
+    ``kinds``: a dict kept across the files of one artifact (each (dtype, shape) is validated once)."""
     header, data_start = _read_header(path, size)
-    data_len = size - data_start
     meta = header.pop("__metadata__", None)
     if meta is None:
         meta = {}
     elif not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _fail(path, "bad __metadata__", "an object of strings", repr(meta)[:80], "__metadata__")
-    infos = _bulk_entries(rel, header, data_len, {} if shared is None else shared)
-    if infos is None:
-        infos = [_entry(path, rel, name, entry, data_len) for name, entry in header.items()]
-        infos.sort(key=_SPAN)
-        _check_tiling(path, infos, data_len)
-    return infos, meta
+    return _tensor_infos(path, rel, header, size - data_start, {} if kinds is None else kinds), meta

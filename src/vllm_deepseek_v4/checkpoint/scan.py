@@ -10,8 +10,8 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from operator import itemgetter
-from typing import Final
+from operator import attrgetter
+from typing import Final, NoReturn
 
 from vllm_deepseek_v4.checkpoint.format import Checkpoint, TensorInfo, parse_header
 from vllm_deepseek_v4.errors import CheckpointError
@@ -20,7 +20,6 @@ __all__ = ["INDEX_NAME", "scan_checkpoint", "gc_paused"]
 
 # transformers' SAFE_WEIGHTS_INDEX_NAME: {"metadata": {...}, "weight_map": {tensor: shard file}}.
 INDEX_NAME: Final[str] = "model.safetensors.index.json"
-_NAME = itemgetter(0)                           # TensorInfo.name
 
 
 @contextmanager
@@ -56,21 +55,19 @@ def _read_index(path: str) -> tuple[dict[str, str], set[str]]:
         raise CheckpointError("bad weight_map", file=path, expected="a non-empty object {tensor: file}",
                               found=repr(wmap)[:80])
     try:
-        rels = set(wmap.values())               # a few shard names; each checked once
-    except TypeError:                           # an unhashable value: the loop below names its tensor
-        rels = None
-    if rels is not None and all(isinstance(r, str) and not os.path.isabs(r) and
-                                not os.path.normpath(r).startswith("..") for r in rels):
-        return wmap, rels
-    checked: set[str] = set()
-    for name, rel in wmap.items():
-        if rel in checked:
-            continue
-        if not isinstance(rel, str) or os.path.isabs(rel) or os.path.normpath(rel).startswith(".."):
-            raise CheckpointError("bad weight_map entry", file=path, tensor=name,
-                                  expected="a file name inside the artifact folder", found=repr(rel))
-        checked.add(rel)
-    return wmap, checked
+        files = set(wmap.values())              # a few shard names
+    except TypeError:                           # an unhashable file value (a list or an object)
+        files = None
+    if files is None or not all(map(_inside, files)):
+        name, rel = next((name, rel) for name, rel in wmap.items() if not _inside(rel))
+        raise CheckpointError("bad weight_map entry", file=path, tensor=name,
+                              expected="a file name inside the artifact folder", found=repr(rel))
+    return wmap, files
+
+
+def _inside(rel: object) -> bool:
+    """True for a relative file name that stays inside the artifact folder."""
+    return isinstance(rel, str) and not os.path.isabs(rel) and not os.path.normpath(rel).startswith("..")
 
 
 def _locate(path: str) -> tuple[str, list[str], str | None]:
@@ -110,27 +107,37 @@ def _merge(root: str, per_file: dict[str, list[TensorInfo]]) -> dict[str, Tensor
     """Join the files' tensors; a name in two files is an error naming both."""
     tensors: dict[str, TensorInfo] = {}
     for infos in per_file.values():
-        tensors.update(zip(map(_NAME, infos), infos))
-    if len(tensors) == sum(map(len, per_file.values())):
-        return tensors
-    tensors = {}                                # some name twice: find the first, in file order
+        tensors.update(zip(map(attrgetter("name"), infos), infos))
+    if len(tensors) < sum(map(len, per_file.values())):
+        _refuse_duplicate(root, per_file)
+    return tensors
+
+
+def _refuse_duplicate(root: str, per_file: dict[str, list[TensorInfo]]) -> NoReturn:
+    """Name the first tensor, in file order, that an earlier file holds too."""
+    first: dict[str, str] = {}
     for rel, infos in per_file.items():
         for info in infos:
-            other = tensors.get(info.name)
-            if other is not None:
+            other = first.setdefault(info.name, rel)
+            if other != rel:
                 raise CheckpointError("duplicate tensor", file=os.path.join(root, rel), tensor=info.name,
-                                      expected="one file", found=f"{other.file} and {rel}")
-            tensors[info.name] = info
-    return tensors
+                                      expected="one file", found=f"{other} and {rel}")
+    raise AssertionError("no tensor is in two files")
 
 
 def _check_index(root: str, index_file: str, wmap: dict[str, str], per_file: dict[str, list[TensorInfo]],
                  tensors: dict[str, TensorInfo]) -> None:
     """Every header tensor must be in the index, and every indexed tensor in the file the index names."""
     # As many names as the index lists, each listed under its own file: then the two agree exactly.
-    if len(wmap) == len(tensors) and all(list(map(wmap.get, map(_NAME, infos))).count(rel) == len(infos)
-                                         for rel, infos in per_file.items()):
-        return
+    if len(wmap) != len(tensors) or not all(
+            list(map(wmap.get, map(attrgetter("name"), infos))).count(rel) == len(infos)
+            for rel, infos in per_file.items()):
+        _refuse_index(root, index_file, wmap, per_file, tensors)
+
+
+def _refuse_index(root: str, index_file: str, wmap: dict[str, str], per_file: dict[str, list[TensorInfo]],
+                  tensors: dict[str, TensorInfo]) -> NoReturn:
+    """Name the first disagreement between the index and the headers, file by file."""
     listed: dict[str, list[str]] = {}
     for name, rel in wmap.items():
         listed.setdefault(rel, []).append(name)
@@ -149,6 +156,7 @@ def _check_index(root: str, index_file: str, wmap: dict[str, str], per_file: dic
                 raise CheckpointError("tensor in another shard than the index says",
                                       file=os.path.join(root, where.file), tensor=name,
                                       expected=f"it in {rel} ({index_file})", found=f"it in {where.file}")
+    raise AssertionError("the index and the headers agree")
 
 
 def scan_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -169,9 +177,9 @@ def _scan(path: str | os.PathLike[str]) -> Checkpoint:
     sizes = _sizes(root, files, index_file)
     per_file: dict[str, list[TensorInfo]] = {}
     metadata: dict[str, dict[str, str]] = {}
-    shared: dict = {}                           # (dtype, shape) kinds, across files
+    kinds: dict = {}                            # (dtype, shape) pairs, validated once per artifact
     for rel in files:
-        per_file[rel], metadata[rel] = parse_header(os.path.join(root, rel), rel, sizes[rel], shared)
+        per_file[rel], metadata[rel] = parse_header(os.path.join(root, rel), rel, sizes[rel], kinds)
     tensors = _merge(root, per_file)
     if wmap is not None:
         assert index_file is not None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .expected import ParamSpec, expected_params
-from .plan import LoadPlan, ParamPlan, Source, build_plan
+from .plan import LoadPlan, build_plan
+from .records import ParamPlan, Problem, Source
 
-__all__ = ["ParamSpec", "expected_params", "LoadPlan", "ParamPlan", "Source", "build_plan"]
+__all__ = ["ParamSpec", "expected_params", "LoadPlan", "ParamPlan", "Problem", "Source", "build_plan"]

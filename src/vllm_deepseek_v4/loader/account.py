@@ -1,289 +1,256 @@
 """Strict accounting: every expected parameter filled exactly once, every tensor on disk used or explained.
 
-Two paths, one answer. The bulk path takes batches of plain renames (``naming.batch``) whose canonical
-names are all one role of expected linear modules, lines up the batches that fill the same modules, and
-classifies each distinct (logical shape, roles, dtypes, shapes) once: Flash's 34k expert modules are a
-handful of kinds. Everything else -- plain tensors, slices of fused tensors, a name filled twice, shared
-aliases, anything unexpected -- goes tensor by tensor through the rules and messages below. Problems are
-reported in the order a tensor-by-tensor pass would meet them (tensor order, then parameter order).
+Resolved tensors arrive as columns (``Found``): the names one naming rule renamed together. A column whose
+names are all one role of expected linear modules (``layers.N.ffn.experts.E.w1.scale``) stays a column; any
+other name is sorted on its own -- a plain parameter, a role of a linear module (such roles are gathered
+into columns too), or a name the config does not have. The modules are then partitioned by the columns
+that fill them (``_cells``); in a cell every module has the same roles, so each distinct (logical shape,
+role dtypes and shapes) is classified once: Flash's 34k expert modules are a handful of kinds. A cell
+where one role comes from two columns is settled module by module: the shared embed/head keep their
+top-level copy and check the others as aliases, any other parameter filled twice is an error.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain, compress, filterfalse, repeat
-from operator import itemgetter, not_
-from typing import TYPE_CHECKING, NamedTuple, Union
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, itemgetter, not_
 
-from ..checkpoint import TensorInfo
+from ..config import DSV4Config
 from ..errors import DSV4Error
 from ..naming.rule import ROLE_SUFFIXES
 from ..quant.detect import FLOAT_DTYPES, ModuleQuant, TensorMeta, classify_module
+from .cells import Column, cells
 from .expected import FLOAT, INDEX, LINEAR, ParamSpec
+from .records import (ALIAS_SHAPE, DTYPE, DUPLICATE, EXTRA_MTP_LAYER, MISSING, QUANT, SHAPE, UNEXPECTED,
+                      AnySource, ParamPlan, Problem, part_of)
 
-if TYPE_CHECKING:
-    from .plan import LoadPlan
+__all__ = ["Found", "Accounting", "account", "SHARED"]
 
-__all__ = ["Source", "AnySource", "ParamPlan", "Found", "account", "SHARED"]
-
-_ROLES = frozenset(ROLE_SUFFIXES)
-_MTP = re.compile(r"^mtp\.(\d+)\.")
 SHARED = ("embed.weight", "head")   # plain tensor / linear module shared by the main model and the MTP draft
-_DTYPE, _SHAPE, _FIRST = itemgetter(1), itemgetter(2), itemgetter(0)     # TensorInfo.dtype, .shape
-_NAME, _KIND = itemgetter(0), itemgetter(2)                               # ParamSpec.name, .kind
-
-
-class Source(NamedTuple):
-    """A slice of an on-disk tensor (after ``ops``) that fills a parameter role.
-
-    A whole tensor fills a role as its ``TensorInfo``, which reads the same (``tensor``, ``file``, ``dtype``,
-    ``shape``, ``ops == ()``): 69k whole tensors in Flash, no copy of each.
-    """
-
-    tensor: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    ops: tuple[tuple, ...] = ()
-
-
-class ParamPlan(NamedTuple):
-    """How one expected parameter is filled: its scheme (linears) and the source of each role."""
-
-    spec: ParamSpec
-    roles: dict[str, AnySource]
-    quant: ModuleQuant | None = None
-    aliases: tuple[AnySource, ...] = ()   # extra copies of a shared tensor: compared when loading
-
-    @property
-    def scheme(self) -> str:
-        return self.quant.scheme if self.quant else ""
-
-
-AnySource = Union[Source, TensorInfo]       # what fills a role: a slice, or a whole tensor
-_new_param = partial(tuple.__new__, ParamPlan)
+_ROLES = frozenset(ROLE_SUFFIXES)
+# Builds a ParamPlan from one tuple without the generated ``__new__``: 35k per Flash plan.
+_param_plan = partial(tuple.__new__, ParamPlan)
 
 
 @dataclass(slots=True)
 class Found:
-    """Tensors renamed as a batch: tensor ``sources[i]`` fills canonical name ``canonical[i]``; ``index`` = its
+    """Tensors renamed together: ``sources[i]`` fills canonical name ``canonical[i]``; ``index[i]`` is its
     position in the checkpoint."""
 
     canonical: list[str]
-    sources: list[TensorInfo]
+    sources: list[AnySource]
     index: list[int]
     text: str                   # "\n".join(canonical)
 
 
+@dataclass(slots=True)
+class Accounting:
+    """What ``account`` made of the tensors: planned parameters, problems, tensors not loaded on purpose."""
+
+    params: dict[str, ParamPlan] = field(default_factory=dict)     # plain ones, then linears; spec order each
+    problems: list[Problem] = field(default_factory=list)
+    explained: list[dict[str, str]] = field(default_factory=list)  # {name, file, reason}
+
+
 class _Kinds:
-    """Schemes by (logical shape, sorted (role, dtype, shape)): 34k expert modules are a few kinds, and equal
-    schemes share one ``ModuleQuant``."""
+    """Schemes by (logical shape, sorted (role, dtype, shape)); equal schemes share one ``ModuleQuant``."""
 
     def __init__(self) -> None:
-        self._by_key: dict[tuple, ModuleQuant] = {}
+        self._by_key: dict[tuple, ModuleQuant | DSV4Error] = {}
         self._same: dict[tuple, ModuleQuant] = {}
 
-    def get(self, key: tuple) -> ModuleQuant | None:
-        return self._by_key.get(key)
-
-    def add(self, key: tuple, q: ModuleQuant) -> ModuleQuant:
-        q = self._same.setdefault((q.scheme, q.variant, tuple(q.roles.items())), q)
-        self._by_key[key] = q
-        return q
-
-
-@dataclass(slots=True)
-class _Role:
-    """A batch that fills one role of a set of expected linear modules."""
-
-    role: str
-    modules: list[str]
-    found: Found
-    modules_text: str                                           # "\n".join(modules)
-    specs: list[ParamSpec] = field(default_factory=list)        # of ``modules``
-    by_module: dict[str, int] = field(default_factory=dict)     # module -> position, built when needed
-
-    def positions(self, modules: list[str]) -> list[int]:
-        if not self.by_module:
-            self.by_module = dict(zip(self.modules, range(len(self.modules))))
-        return list(map(self.by_module.__getitem__, modules))
-
-
-def account(plan: LoadPlan, specs: list[ParamSpec], batches: list[Found],
-            loose: list[tuple[int, str, AnySource]]) -> None:
-    """Fill ``plan.params`` / ``missing`` / ``errors`` / ``unmapped`` / ``explained`` from resolved tensors.
-
-    ``loose``: ``(tensor position, canonical name, source)`` for tensors resolved one by one.
-    """
-    is_linear = list(map(LINEAR.__eq__, map(_KIND, specs)))
-    plain = dict(compress(zip(map(_NAME, specs), specs), map(not_, is_linear)))
-    linear = dict(compress(zip(map(_NAME, specs), specs), is_linear))
-    # only a plain parameter named like a linear's role (<linear>.weight) could hide in a batch of linear
-    # roles; then batches are checked against the plain names (no DSv4 parameter is named so)
-    plain_like_role = any(p.rpartition(".")[2] in _ROLES and p.rpartition(".")[0] in linear for p in plain)
-    bulk: list[_Role] = []
-    slow = list(loose)
-    for b in batches:
-        item = _as_role(b, plain if plain_like_role else {})
-        if item is None:
-            slow += zip(b.index, b.canonical, b.sources)
-        else:
-            bulk.append(item)
-    families = _families(bulk, linear, slow)
-    cells = []
-    slow_modules = {module for module, _, role in (canon.rpartition(".") for _, canon, _ in slow) if role in _ROLES}
-    for modules, items in _cells(families):
-        # a role twice (one name filled twice), or a module with roles from the slow path too:
-        # those modules go to the slow path whole, which reports or aliases them
-        moved = set(modules) if len({it.role for it in items}) < len(items) else slow_modules.intersection(modules)
-        if moved:
-            for it in items:
-                pos = it.positions(sorted(moved))
-                f = it.found
-                slow += zip(map(f.index.__getitem__, pos), map(f.canonical.__getitem__, pos),
-                            map(f.sources.__getitem__, pos))
-            modules = [m for m in modules if m not in moved]
-        if modules:
-            cells.append((modules, items))
-    slow.sort(key=_FIRST)
-    found: dict[str, list[AnySource]] = {}
-    for _, canon, src in slow:
-        found.setdefault(canon, []).append(src)
-
-    by_module: dict[str, dict[str, list[AnySource]]] = {}
-    for canon, sources in found.items():
-        if canon in plain:
-            continue
-        module, _, role = canon.rpartition(".")
-        if role in _ROLES and module in linear:
-            by_module.setdefault(module, {})[role] = sources
-            continue
-        _unexpected(plan, canon, sources)
-    _account_plain(plan, plain, found)
-
-    made = plan.params                          # after the plain ones: linear modules in spec order,
-    made.update(dict.fromkeys(linear))          # each filled below (None until then)
-    errors: list[tuple[str, str]] = []          # (module, message): reported in parameter order
-    kinds = _Kinds()
-    for modules, items in cells:
-        _bulk_cell(modules, items, linear, kinds, made, errors)
-    for module in filter(by_module.__contains__, linear):
-        _slow_module(module, linear[module], by_module[module], kinds, made, errors)
-
-    # every module is filled unless one is reported (errors) or no tensor names it at all (missing)
-    if errors or sum(len(modules) for modules, _ in cells) + len(by_module) < len(linear):
-        unfilled = [m for m, pp in made.items() if pp is None]
-        covered = set(by_module).union(*(modules for modules, _ in cells))
-        plan.missing += [{"param": f"{m}.weight", "reason": _missing_reason(m)}
-                         for m in filterfalse(covered.__contains__, unfilled)]
-        for m in unfilled:
-            del made[m]
-    if errors:
-        order = dict(zip(linear, range(len(linear))))
-        errors.sort(key=lambda e: order[e[0]])
-        plan.errors += [msg for _, msg in errors]
-
-
-# ---- bulk path ----
-def _as_role(b: Found, plain: dict[str, ParamSpec]) -> _Role | None:
-    """The batch as one role of a list of modules (``modules_text``; ``_families`` splits it), or None if any
-    name in it is something else."""
-    canon = b.canonical
-    if not canon:
-        return None
-    role = canon[0].rpartition(".")[2]
-    if role not in _ROLES:
-        return None
-    end = "." + role
-    text = b.text
-    # each "\n" ends one name: every name ends with .role
-    if not text.endswith(end) or text.count(end + "\n") != len(canon) - 1 or not plain.keys().isdisjoint(canon):
-        return None
-    return _Role(role, [], b, text.replace(end + "\n", "\n")[:-len(end)])
-
-
-def _families(bulk: list[_Role], linear: dict[str, ParamSpec],
-              slow: list[tuple[int, str, AnySource]]) -> dict[frozenset[str], list[_Role]]:
-    """Batches by the set of modules they fill, each module an expected linear, once per batch; batches that
-    fail this go to ``slow``. Roles of one module list (weight, scale) usually list it in the same order."""
-    by_text: dict[str, list[_Role]] = {}
-    for item in bulk:
-        by_text.setdefault(item.modules_text, []).append(item)
-    families: dict[frozenset[str], list[_Role]] = {}
-    for text, items in by_text.items():
-        modules = text.split("\n")             # once for all roles of one module list
-        module_set = frozenset(modules)
-        specs = list(map(linear.get, modules))
-        if len(module_set) < len(modules) or None in specs:
-            for it in items:                    # a name twice in the batch, or not a linear's role
-                f = it.found
-                slow += zip(f.index, f.canonical, f.sources)
-            continue
-        for it in items:
-            it.modules, it.specs = modules, specs   # one list for all: the same order
-        families.setdefault(module_set, []).extend(items)
-    return families
-
-
-def _cells(families: dict[frozenset[str], list[_Role]]) -> list[tuple[list[str], list[_Role]]]:
-    """Partition the modules by which batches fill them: within a cell every module has the same roles."""
-    sets = list(families)
-    if sum(map(len, sets)) == len(set().union(*sets)):         # disjoint: the usual case
-        return [(items[0].modules, items) for items in families.values()]
-    cells: list[tuple[set[str], list[frozenset[str]]]] = []
-    for fs in sets:
-        rest, refined = set(fs), []
-        for cell, members in cells:
-            common = cell & rest
-            if not common:
-                refined.append((cell, members))
-                continue
-            refined.append((common, members + [fs]))
-            if len(common) < len(cell):
-                refined.append((cell - common, members))
-            rest -= common
-        if rest:
-            refined.append((rest, [fs]))
-        cells = refined
-    return [(sorted(cell), [it for fs in members for it in families[fs]]) for cell, members in cells]
-
-
-def _bulk_cell(modules: list[str], items: list[_Role], linear: dict[str, ParamSpec], kinds: _Kinds,
-               made: dict[str, ParamPlan], errors: list[tuple[str, str]]) -> None:
-    """Classify and plan modules that all have the roles of ``items``, each distinct kind once."""
-    cols = [it.found.sources if it.modules is modules or it.modules == modules else
-            list(map(it.found.sources.__getitem__, it.positions(modules))) for it in items]
-    roles = [it.role for it in items]
-    specs = items[0].specs if items[0].modules is modules else list(map(linear.__getitem__, modules))
-    by_role = sorted(range(len(roles)), key=roles.__getitem__)
-    # one flat tuple per module: (logical shape, dtype and shape of each role in role order)
-    def keys():
-        return zip(map(itemgetter(1), specs), *chain.from_iterable(
-            (map(_DTYPE, cols[j]), map(_SHAPE, cols[j])) for j in by_role))
-    quant: dict[tuple, ModuleQuant | None] = {}
-    for key, i in dict(zip(keys(), range(len(modules)))).items():     # each kind once, with a module of it
-        # the slow path's key: (logical shape, sorted (role, dtype, shape))
-        slow_key = (key[0], tuple((roles[j], cols[j][i].dtype, cols[j][i].shape) for j in by_role))
-        q = kinds.get(slow_key)
-        if q is None:
-            metas = {r: TensorMeta(c[i].tensor, c[i].dtype, c[i].shape, c[i].file) for r, c in zip(roles, cols)}
+    def classify(self, module: str, spec: ParamSpec, roles: dict[str, AnySource]) -> ModuleQuant | DSV4Error:
+        """The scheme of ``module`` (roles in tensor order), or why it has none."""
+        key = (spec.shape, tuple(sorted((r, s.dtype, s.shape) for r, s in roles.items())))
+        got = self._by_key.get(key)
+        if got is None:
+            metas = {r: TensorMeta(s.tensor, s.dtype, s.shape, s.file) for r, s in roles.items()}
             try:
-                q = kinds.add(slow_key, classify_module(modules[i], metas, *specs[i].shape))
-            except DSV4Error:
-                q = None                        # every module of this kind reports its own tensors below
-        quant[key] = q
-    distinct = {id(q): q for q in quant.values()}
-    qs = list(map(quant.__getitem__, keys())) if len(distinct) > 1 else None
-    col_of = dict(zip(roles, cols))
-    for q in distinct.values():
-        pick = range(len(modules)) if qs is None else [i for i, x in enumerate(qs) if x is q]
-        if q is None:
-            errors += [(modules[i], _classify_error(modules[i], specs[i], items, cols, i)) for i in pick]
+                q = classify_module(module, metas, *spec.shape)
+            except DSV4Error as e:
+                return e                        # not kept: the message names this module's tensors
+            got = self._by_key[key] = self._same.setdefault((q.scheme, q.variant, tuple(q.roles.items())), q)
+        return got
+
+
+def account(specs: list[ParamSpec], found: list[Found], cfg: DSV4Config, include_mtp: bool) -> Accounting:
+    """Plan every parameter of ``specs`` from the ``found`` tensors; report what does not fit."""
+    is_linear = list(map(LINEAR.__eq__, map(attrgetter("kind"), specs)))
+    by_name = list(zip(map(attrgetter("name"), specs), specs))
+    linear = dict(compress(by_name, is_linear))
+    plain = dict(compress(by_name, map(not_, is_linear)))
+    columns: list[Column] = []
+    loose: list[tuple[int, str, AnySource]] = []            # (position, canonical, source), sorted one by one
+    as_column = _Columns(linear, plain)
+    for f in found:
+        column = as_column(f)
+        if column is None:
+            loose += zip(f.index, f.canonical, f.sources)
+        else:
+            columns.append(column)
+    loose.sort(key=itemgetter(0))
+    plain_found: dict[str, list[AnySource]] = {}
+    roles: dict[str, list[tuple[str, int, AnySource]]] = {}  # role -> (module, position, source)
+    out = Accounting()
+    for pos, canon, src in loose:
+        module, _, role = canon.rpartition(".")
+        if canon in plain:
+            plain_found.setdefault(canon, []).append(src)
+        elif role in _ROLES and module in linear:
+            roles.setdefault(role, []).append((module, pos, src))
+        else:
+            _unexpected(canon, src, cfg, include_mtp, out)
+    columns += _loose_columns(roles, linear)
+    _plan_plain(plain, plain_found, out)
+    _plan_linear(linear, columns, out)
+    return out
+
+
+class _Columns:
+    """Takes a batch of found tensors as a column when its names are all one role of expected linear modules,
+    each once. A module list is parsed once: a module's weight and scale batches list the same modules in
+    the same order, and their columns share one list, spec list and set."""
+
+    def __init__(self, linear: dict[str, ParamSpec], plain: dict[str, ParamSpec]) -> None:
+        self.linear = linear
+        # plain parameters named like a linear's role (none in DSv4) must not be taken into a column
+        self.clash = {p for p in plain if p.rpartition(".")[2] in _ROLES and p.rpartition(".")[0] in linear}
+        self._lists: dict[str, tuple[list[str], list[ParamSpec], frozenset[str]] | None] = {}
+
+    def __call__(self, f: Found) -> Column | None:
+        role = f.canonical[0].rpartition(".")[2] if f.canonical else ""
+        end = "." + role
+        # each "\n" ends one name: then every name ends with .role
+        if role not in _ROLES or not f.text.endswith(end) or f.text.count(end + "\n") != len(f.canonical) - 1:
+            return None
+        if self.clash and not self.clash.isdisjoint(f.canonical):
+            return None
+        text = f.text.replace(end + "\n", "\n")[:-len(end)]
+        if text not in self._lists:
+            modules = text.split("\n")
+            specs = list(map(self.linear.get, modules))
+            members = frozenset(modules)
+            ok = None not in specs and len(members) == len(modules)          # expected linears, each once
+            self._lists[text] = (modules, specs, members) if ok else None
+        got = self._lists[text]
+        return None if got is None else Column(role, got[0], f.sources, f.index, got[1], got[2])
+
+
+def _loose_columns(roles: dict[str, list[tuple[str, int, AnySource]]], linear: dict[str, ParamSpec]) -> list[Column]:
+    """Roles found name by name as columns; a module met twice under one role starts another column."""
+    out = []
+    for role, items in roles.items():
+        while items:
+            seen, modules, sources, index, again = set(), [], [], [], []
+            for module, pos, src in items:
+                if module in seen:
+                    again.append((module, pos, src))
+                    continue
+                seen.add(module)
+                modules.append(module)
+                sources.append(src)
+                index.append(pos)
+            out.append(Column(role, modules, sources, index, list(map(linear.__getitem__, modules)), frozenset(seen)))
+            items = again
+    return out
+
+
+# ---- plain parameters ----
+def _plan_plain(plain: dict[str, ParamSpec], found: dict[str, list[AnySource]], out: Accounting) -> None:
+    for name, spec in plain.items():
+        sources = found.get(name)
+        if not sources:
+            out.problems.append(_missing(name, spec))
             continue
-        sel = (lambda xs: xs) if qs is None else (lambda xs: list(map(xs.__getitem__, pick)))
-        dicts = _role_dicts(tuple(q.roles), [sel(col_of[s]) for s in q.roles.values()])
-        made.update(zip(sel(modules), map(_new_param, zip(sel(specs), dicts, repeat(q), repeat(())))))
+        primary, aliases, problem = _pick_primary(name, spec.part, sources)
+        for src in [primary, *aliases] if problem is None else ():
+            problem = _check_plain(spec, src)
+            if problem is not None:
+                break
+        if problem is None:
+            out.params[name] = ParamPlan(spec, {"tensor": primary}, None, tuple(aliases))
+        else:
+            out.problems.append(problem)
+
+
+def _check_plain(spec: ParamSpec, src: AnySource) -> Problem | None:
+    if src.shape != spec.shape:
+        return Problem(SHAPE, spec.part, src.tensor, src.file,
+                       f"expected shape {list(spec.shape)} for {spec.name}, found {list(src.shape)}")
+    if spec.kind == INDEX and src.dtype not in ("I64", "I32"):
+        return Problem(DTYPE, spec.part, src.tensor, src.file, f"expected dtype I64 or I32 (expert ids), found {src.dtype}")
+    if spec.kind == FLOAT and src.dtype not in FLOAT_DTYPES:
+        return Problem(DTYPE, spec.part, src.tensor, src.file, f"expected a float dtype (BF16/F16/F32), found {src.dtype}")
+    return None
+
+
+def _pick_primary(name: str, part: str, sources: list[AnySource]
+                  ) -> tuple[AnySource, list[AnySource], Problem | None]:
+    """One source per role. Several are only allowed for the shared embed/head (aliases, top level first)."""
+    if len(sources) == 1:
+        return sources[0], [], None
+    base = name.rsplit(".", 1)[0] if name.startswith("head.") else name
+    if base not in SHARED:
+        listed = ", ".join(f"{s.tensor} ({s.file})" for s in sources)
+        return sources[0], [], Problem(DUPLICATE, part, name, "",
+                                       f"filled by {len(sources)} tensors: {listed}; expected exactly one")
+    ordered = sorted(sources, key=lambda s: (s.tensor.startswith(("mtp.", "model.layers.")), s.tensor))
+    return ordered[0], ordered[1:], None
+
+
+# ---- linear modules ----
+def _plan_linear(linear: dict[str, ParamSpec], columns: list[Column], out: Accounting) -> None:
+    made: dict[str, ParamPlan] = {}
+    problems: list[tuple[str, Problem]] = []               # (module, problem): reported in parameter order
+    kinds = _Kinds()
+    covered = 0
+    for modules, cols in cells(columns):
+        covered += len(modules)
+        if len({c.role for c in cols}) < len(cols):        # a role from two columns: module by module
+            for module in modules:
+                _plan_module(module, linear[module], [(c, c.positions([module])[0]) for c in cols], kinds, made,
+                             problems)
+        else:
+            _plan_cell(modules, cols, linear, kinds, made, problems)
+    if problems:
+        order = dict(zip(linear, range(len(linear))))
+        problems.sort(key=lambda mp: order[mp[0]])
+    if covered < len(linear):                               # modules no tensor names at all
+        seen = set(chain.from_iterable(c.modules for c in columns))
+        problems += [(m, _missing(f"{m}.weight", spec)) for m, spec in linear.items() if m not in seen]
+    out.problems += [p for _, p in problems]
+    planned = list(linear) if len(made) == len(linear) else list(filter(made.__contains__, linear))
+    out.params.update(zip(planned, map(made.__getitem__, planned)))          # in parameter order
+
+
+def _plan_cell(modules: list[str], cols: list[Column], linear: dict[str, ParamSpec], kinds: _Kinds,
+               made: dict[str, ParamPlan], problems: list[tuple[str, Problem]]) -> None:
+    """Plan modules that all have the roles of ``cols`` (one column each), each distinct kind classified once."""
+    sources = [c.sources if c.modules is modules or c.modules == modules else
+               list(map(c.sources.__getitem__, c.positions(modules))) for c in cols]
+    specs = cols[0].specs if modules is cols[0].modules else list(map(linear.__getitem__, modules))
+    roles = [c.role for c in cols]
+    # a module's kind: its logical shape, then the dtype and shape of each role
+    keys = list(zip(map(attrgetter("shape"), specs), *chain.from_iterable(
+        (map(attrgetter("dtype"), col), map(attrgetter("shape"), col)) for col in sources)))
+    scheme_of_kind = {key: kinds.classify(modules[i], specs[i], {r: col[i] for r, col in zip(roles, sources)})
+                      for key, i in dict(zip(keys, range(len(modules)))).items()}     # one module of each kind
+    if len(scheme_of_kind) == 1:                           # the usual case: one kind fills the whole cell
+        groups = [(next(iter(scheme_of_kind.values())), None)]
+    else:
+        scheme = list(map(scheme_of_kind.__getitem__, keys))
+        groups = [(q, list(compress(range(len(modules)), map(is_, scheme, repeat(q)))))
+                  for q in {id(q): q for q in scheme_of_kind.values()}.values()]
+    for q, pick in groups:
+        picked = (lambda xs: xs) if pick is None else (lambda xs: list(map(xs.__getitem__, pick)))
+        if isinstance(q, DSV4Error):                       # each module reports its own tensors
+            problems += [(modules[i], _quant_problem(modules[i], specs[i], cols, sources, i, kinds))
+                         for i in (range(len(modules)) if pick is None else pick)]
+            continue
+        by_role = dict(zip(roles, map(picked, sources)))
+        dicts = _role_dicts(tuple(q.roles), [by_role[sfx] for sfx in q.roles.values()])
+        made.update(zip(picked(modules), map(_param_plan, zip(picked(specs), dicts, repeat(q), repeat(())))))
 
 
 def _role_dicts(roles: tuple[str, ...], cols: list[list[AnySource]]) -> list[dict[str, AnySource]]:
@@ -297,110 +264,65 @@ def _role_dicts(roles: tuple[str, ...], cols: list[list[AnySource]]) -> list[dic
     return list(map(dict, map(zip, repeat(roles), zip(*cols))))
 
 
-def _classify_error(module: str, spec: ParamSpec, items: list[_Role], cols: list[list[AnySource]], i: int) -> str:
-    """The slow path's message for module ``i``: its roles in tensor order, as the slow path would pass them."""
-    pos = [it.found.index[it.positions([module])[0]] for it in items]
-    order = sorted(range(len(items)), key=pos.__getitem__)
-    metas = {items[j].role: TensorMeta(cols[j][i].tensor, cols[j][i].dtype, cols[j][i].shape, cols[j][i].file)
-             for j in order}
-    try:
-        classify_module(module, metas, *spec.shape)
-    except DSV4Error as e:
-        return str(e)
-    raise AssertionError(f"{module}: classified in bulk as bad, alone as good")
+def _quant_problem(module: str, spec: ParamSpec, cols: list[Column], sources: list[list[AnySource]], i: int,
+                   kinds: _Kinds) -> Problem:
+    """Why module ``i`` of a cell has no scheme, its roles passed in tensor order (as read from the checkpoint)."""
+    order = sorted(range(len(cols)), key=lambda j: cols[j].index[cols[j].positions([module])[0]])
+    e = kinds.classify(module, spec, {cols[j].role: sources[j][i] for j in order})
+    assert isinstance(e, DSV4Error), f"{module}: classified as bad and as good"
+    return Problem(QUANT, spec.part, e.tensor or module, e.file or "", e.reason)
 
 
-# ---- slow path (tensor by tensor) ----
-def _account_plain(plan: LoadPlan, plain: dict[str, ParamSpec], found: dict[str, list[AnySource]]) -> None:
-    for name, spec in plain.items():
-        sources = found.get(name)
-        if not sources:
-            plan.missing.append({"param": name, "reason": _missing_reason(name)})
-            continue
-        primary, aliases = _pick_primary(plan.errors, name, sources)
-        if primary is None:
-            continue
-        if _check_plain(plan, spec, primary) and all(_check_plain(plan, spec, a) for a in aliases):
-            plan.params[name] = ParamPlan(spec, {"tensor": primary}, None, tuple(aliases))
-
-
-def _slow_module(module: str, spec: ParamSpec, roles: dict[str, list[AnySource]], kinds: _Kinds,
-                 made: dict[str, ParamPlan], errors: list[tuple[str, str]]) -> None:
+def _plan_module(module: str, spec: ParamSpec, at: list[tuple[Column, int]], kinds: _Kinds,
+                 made: dict[str, ParamPlan], problems: list[tuple[str, Problem]]) -> None:
+    """One module whose roles come from several columns (``at``: each column and the module's place in it)."""
+    by_role: dict[str, list[AnySource]] = {}
+    for col, k in sorted(at, key=lambda ck: ck[0].index[ck[1]]):        # tensor order
+        by_role.setdefault(col.role, []).append(col.sources[k])
     chosen: dict[str, AnySource] = {}
-    aliases: list[AnySource] = []
-    msgs: list[str] = []
-    for role, sources in roles.items():
-        primary, extra = _pick_primary(msgs, f"{module}.{role}", sources)
-        if primary is None:
-            errors += zip(repeat(module), msgs)
+    aliases: list[tuple[AnySource, AnySource]] = []          # (alias, the primary it copies)
+    for role, sources in by_role.items():
+        primary, extra, problem = _pick_primary(f"{module}.{role}", spec.part, sources)
+        if problem is not None:
+            problems.append((module, problem))
             return
         chosen[role] = primary
-        aliases += extra
-    key = (spec.shape, tuple(sorted((r, s.dtype, s.shape) for r, s in chosen.items())))
-    q = kinds.get(key)
-    if q is None:
-        metas = {r: TensorMeta(s.tensor, s.dtype, s.shape, s.file) for r, s in chosen.items()}
-        try:
-            q = kinds.add(key, classify_module(module, metas, *spec.shape))
-        except DSV4Error as e:
-            errors.append((module, str(e)))
-            return
-    for a in aliases:
-        if a.shape != chosen["weight"].shape:
-            errors.append((module, f"{a.file}: {a.tensor}: alias of {chosen['weight'].tensor} with a "
-                                   f"conflicting shape: expected {list(chosen['weight'].shape)}, found {list(a.shape)}"))
-    made[module] = ParamPlan(spec, {r: chosen[s] for r, s in q.roles.items()}, q, tuple(aliases))
+        aliases += [(a, primary) for a in extra]
+    q = kinds.classify(module, spec, chosen)
+    if isinstance(q, DSV4Error):
+        problems.append((module, Problem(QUANT, spec.part, q.tensor or module, q.file or "", q.reason)))
+        return
+    for a, primary in aliases:
+        if a.shape != primary.shape:
+            problems.append((module, Problem(ALIAS_SHAPE, part_of(a.tensor), a.tensor, a.file,
+                                             f"alias of {primary.tensor} with a conflicting shape: expected "
+                                             f"{list(primary.shape)}, found {list(a.shape)}")))
+    made[module] = ParamPlan(spec, {r: chosen[s] for r, s in q.roles.items()}, q, tuple(a for a, _ in aliases))
 
 
-def _pick_primary(errors: list[str], name: str, sources: list[AnySource]) -> tuple[AnySource | None, list[AnySource]]:
-    """One source per role. Several are only allowed for the shared embed/head (aliases, top level first)."""
-    if len(sources) == 1:
-        return sources[0], []
-    base = name.rsplit(".", 1)[0] if name.startswith("head.") else name
-    if base not in SHARED:
-        errors.append(f"{name}: filled by {len(sources)} tensors: " +
-                      ", ".join(f"{s.tensor} ({s.file})" for s in sources) + "; expected exactly one")
-        return None, []
-    ordered = sorted(sources, key=lambda s: (s.tensor.startswith(("mtp.", "model.layers.")), s.tensor))
-    return ordered[0], ordered[1:]
-
-
-def _check_plain(plan: LoadPlan, spec: ParamSpec, src: AnySource) -> bool:
-    where = f"{src.file}: {src.tensor}"
-    if src.shape != spec.shape:
-        plan.errors.append(f"{where}: expected shape {list(spec.shape)} for {spec.name}, found {list(src.shape)}")
-        return False
-    if spec.kind == INDEX and src.dtype not in ("I64", "I32"):
-        plan.errors.append(f"{where}: expected dtype I64 or I32 (expert ids), found {src.dtype}")
-        return False
-    if spec.kind == FLOAT and src.dtype not in FLOAT_DTYPES:
-        plan.errors.append(f"{where}: expected a float dtype (BF16/F16/F32), found {src.dtype}")
-        return False
-    return True
-
-
-def _unexpected(plan: LoadPlan, canon: str, sources: list[AnySource]) -> None:
+# ---- names the config does not expect, and parameters nothing fills ----
+def _unexpected(canon: str, src: AnySource, cfg: DSV4Config, include_mtp: bool, out: Accounting) -> None:
     """A tensor maps to a canonical name the config does not have: explained, or unmapped."""
-    cfg = plan.cfg
-    m = _MTP.match(canon)
-    for s in sources:
-        if m and not plan.include_mtp:
-            plan.explained.append({"name": s.tensor, "file": s.file, "reason": "MTP block not loaded (--no-mtp)"})
-            continue
-        lm = re.match(r"^layers\.(\d+)\.ffn\.gate\.bias$", canon)
-        if lm and cfg.is_hash_layer(int(lm.group(1))):
-            plan.explained.append({"name": s.tensor, "file": s.file, "reason": "hash layers route by tid2eid; "
-                                   "a saved selection bias is never read (transformers creates one per layer)"})
-            continue
-        if m and int(m.group(1)) >= cfg.n_mtp_layers:
-            reason = (f"MTP layer {m.group(1)} but config declares num_nextn_predict_layers={cfg.n_mtp_layers} "
-                      "(a DSpark-style multi-stage drafter is not a method=mtp block)")
-        else:
-            reason = f"maps to {canon}, which this config does not have (layer type, count or shape mismatch)"
-        plan.unmapped.append({"name": s.tensor, "file": s.file, "reason": reason})
+    part = part_of(canon)
+    if part != "main" and not include_mtp:
+        out.explained.append({"name": src.tensor, "file": src.file, "reason": "MTP block not loaded (--no-mtp)"})
+    elif _is_hash_layer_bias(canon, cfg):
+        out.explained.append({"name": src.tensor, "file": src.file, "reason": "hash layers route by tid2eid; "
+                              "a saved selection bias is never read (transformers creates one per layer)"})
+    elif part != "main" and int(part[4:]) >= cfg.n_mtp_layers:
+        out.problems.append(Problem(EXTRA_MTP_LAYER, part, src.tensor, src.file,
+                                    f"MTP layer {part[4:]} but config declares num_nextn_predict_layers="
+                                    f"{cfg.n_mtp_layers} (a DSpark-style multi-stage drafter is not a method=mtp block)"))
+    else:
+        out.problems.append(Problem(UNEXPECTED, part, src.tensor, src.file, f"maps to {canon}, which this config "
+                                    "does not have (layer type, count or shape mismatch)"))
 
 
-def _missing_reason(name: str) -> str:
-    if name.startswith("mtp."):
-        return "MTP parameter not found under any known spelling"
-    return "not found under any known spelling"
+def _is_hash_layer_bias(canon: str, cfg: DSV4Config) -> bool:
+    layer, _, rest = canon.removeprefix("layers.").partition(".")
+    return canon.startswith("layers.") and rest == "ffn.gate.bias" and layer.isdigit() and cfg.is_hash_layer(int(layer))
+
+
+def _missing(param: str, spec: ParamSpec) -> Problem:
+    what = "MTP parameter not found" if spec.part != "main" else "not found"
+    return Problem(MISSING, spec.part, param, "", f"{what} under any known spelling")

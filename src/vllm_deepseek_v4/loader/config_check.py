@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, Mapping, Protocol
 
-if TYPE_CHECKING:
-    from .plan import LoadPlan
+from ..config import DSV4Config
+from .records import ParamPlan
 
 __all__ = ["quant_config_disagreements", "expected_scheme_ct"]
+
+
+class LoadPlan(Protocol):
+    """What the check reads of a load plan (``plan.LoadPlan``, which calls this check while it is built)."""
+
+    cfg: DSV4Config
+    params: Mapping[str, ParamPlan]
 
 
 def _candidates(plan: "LoadPlan", module: str, disk: str) -> list[str]:

@@ -3,27 +3,30 @@
 Strict accounting: every expected parameter is filled exactly once, every tensor on disk is used or
 explained by a rule with a written reason. Shared ``embed``/``head`` are routed to the MTP draft explicitly;
 copies of them inside ``mtp.K`` are aliases, checked for shape here and for value when loading.
+
+Steps: scan the headers, resolve every name (``naming``), account for every parameter (``account``), check
+the MTP block as a whole, cross-check ``quantization_config`` (``config_check``).
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
-from typing import Any
+from typing import Any, Iterable
 
-from ..checkpoint import Checkpoint, scan_checkpoint
+from ..checkpoint import Checkpoint, TensorInfo, scan_checkpoint
 from ..checkpoint.scan import gc_paused
 from ..config import DSV4Config, load_config
-from ..errors import DSV4Error, PlanError
-from ..naming import CONVENTIONS, Resolver, resolve_names
-from .account import SHARED, AnySource, Found, ParamPlan, Source, account
+from ..errors import PlanError
+from ..naming import CONVENTIONS, Resolver, Rule
+from .account import SHARED, Found, account
+from .config_check import quant_config_disagreements
 from .expected import expected_params
+from .records import (FOREIGN_MTP, MTP_DROPPED, MTP_ONLY, NAMING, UNMAPPED, AnySource, ParamPlan,
+                      Problem, Source, part_of)
 
-__all__ = ["Source", "ParamPlan", "LoadPlan", "build_plan"]
+__all__ = ["Source", "ParamPlan", "Problem", "LoadPlan", "build_plan"]
 
-# ParamPlan -> its spec's part / group, its scheme; whether it is a linear (has a detected scheme)
-_PART, _GROUP = attrgetter("spec.part"), attrgetter("spec.group")
-_SCHEME, _QUANT = attrgetter("quant.scheme"), itemgetter(2)
 _TRANSFORMERS_HINT = ("the artifact has no mtp.* tensors although config.json declares num_nextn_predict_layers={n}; "
                       "this happens when a checkpoint is saved through transformers (which drops mtp.*) or "
                       "llm-compressor; restore the block from the original release or pass --no-mtp")
@@ -38,23 +41,32 @@ class LoadPlan:
     checkpoint: Checkpoint
     include_mtp: bool
     params: dict[str, ParamPlan] = field(default_factory=dict)
-    unmapped: list[dict[str, str]] = field(default_factory=list)
-    missing: list[dict[str, str]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    explained: list[dict[str, str]] = field(default_factory=list)
+    errors: list[Problem] = field(default_factory=list)
+    unmapped: list[Problem] = field(default_factory=list)      # tensors on disk that fill nothing
+    missing: list[Problem] = field(default_factory=list)       # parameters nothing fills
+    explained: list[dict[str, str]] = field(default_factory=list)   # {name, file, reason}: not loaded on purpose
     warnings: list[str] = field(default_factory=list)
     naming: str = "upstream"
+
+    def add(self, problems: Iterable[Problem]) -> None:
+        """File each problem under its report list (``Problem.report``), keeping their order."""
+        for p in problems:
+            getattr(self, p.report).append(p)
 
     @property
     def ok(self) -> bool:
         return not (self.unmapped or self.missing or self.errors)
 
+    def all_problems(self) -> list[Problem]:
+        return self.errors + self.unmapped + self.missing
+
     def problems(self) -> list[str]:
         """One line per problem, each naming the tensor (and file) or parameter."""
-        out = list(self.errors)
-        out += [f"{u['file']}: {u['name']}: unmapped: {u['reason']}" for u in self.unmapped]
-        out += [f"{m['param']}: missing: {m['reason']}" for m in self.missing]
-        return out
+        return [p.line for p in self.all_problems()]
+
+    def mtp_problems(self) -> list[str]:
+        """The lines of ``problems()`` about the MTP block."""
+        return [p.line for p in self.all_problems() if p.part != "main"]
 
     def raise_if_bad(self) -> None:
         if not self.ok:
@@ -63,8 +75,10 @@ class LoadPlan:
     def quant_report(self) -> dict[str, dict[str, str]]:
         """Scheme per quant group, separately for the trunk and for each MTP layer."""
         seen: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-        linears = list(filter(_QUANT, self.params.values()))             # one C pass over 35k parameters
-        for part, group, scheme in set(zip(map(_PART, linears), map(_GROUP, linears), map(_SCHEME, linears))):
+        linears = [pp for pp in self.params.values() if pp.quant is not None]
+        kinds = set(zip(map(attrgetter("spec.part"), linears), map(attrgetter("spec.group"), linears),
+                        map(attrgetter("quant.scheme"), linears)))        # a few distinct of 35k parameters
+        for part, group, scheme in kinds:
             if group != "head":
                 seen[part][group].add(scheme)
         return {part: {g: (s.pop() if len(s) == 1 else "mixed:" + "+".join(sorted(s))) for g, s in sorted(groups.items())}
@@ -73,115 +87,98 @@ class LoadPlan:
     def mtp_report(self) -> dict[str, Any]:
         n = self.cfg.n_mtp_layers if self.include_mtp else 0
         parts = {f"mtp.{k}" for k in range(n)}
-        missing_mtp = [m for m in self.missing if m["param"].startswith("mtp.")]
+        complete = (bool(parts) and parts <= self._parts()
+                    and not any(p.part != "main" for p in self.missing + self.errors))
         shared = {}
         for key, label in (("embed.weight", "embed"), ("head", "head")):
             pp = self.params.get(key)
             shared[label] = pp.roles["weight" if key == "head" else "tensor"].tensor if pp else None
-        complete = bool(parts) and not missing_mtp and parts <= self._parts() and not any(
-            "mtp" in e for e in self.errors)
         return {"complete": complete, "layers": n, "shared": shared,
                 "aliases": {("embed" if k == "embed.weight" else "head"): [a.tensor for a in self.params[k].aliases]
                             for k in SHARED if k in self.params and self.params[k].aliases}}
 
     def _parts(self) -> set[str]:
         """The parts (``main``, ``mtp.K``) that have at least one planned parameter."""
-        return set(map(_PART, self.params.values()))
+        return set(map(attrgetter("spec.part"), self.params.values()))
 
     def to_json(self) -> dict[str, Any]:
         ck = self.checkpoint
         return {"path": self.path, "ok": self.ok, "tensors": len(ck.tensors), "bytes": ck.total_bytes,
                 "files": len(ck.files), "naming": self.naming, "num_hidden_layers": self.cfg.n_layers,
                 "mtp_layers": len({p for p in self._parts() if p.startswith("mtp.")}),
-                "unmapped": self.unmapped, "missing": self.missing, "errors": self.errors,
-                "mtp": self.mtp_report(), "quant": self.quant_report(), "explained": self.explained,
-                "warnings": self.warnings}
+                "unmapped": [p.as_json() for p in self.unmapped], "missing": [p.as_json() for p in self.missing],
+                "errors": [p.as_json() for p in self.errors], "mtp": self.mtp_report(),
+                "quant": self.quant_report(), "explained": self.explained, "warnings": self.warnings}
 
 
 def build_plan(path: str, *, cfg: DSV4Config | None = None, include_mtp: bool = True,
                checkpoint: Checkpoint | None = None) -> LoadPlan:
     """Plan the load of the artifact at ``path``. Artifact problems are collected, not raised."""
     with gc_paused():
-        return _build(path, cfg, include_mtp, checkpoint)
-
-
-def _build(path: str, cfg: DSV4Config | None, include_mtp: bool, checkpoint: Checkpoint | None) -> LoadPlan:
-    ck = checkpoint if checkpoint is not None else scan_checkpoint(path)
-    cfg = cfg if cfg is not None else load_config(path)
-    plan = LoadPlan(path=path, cfg=cfg, checkpoint=ck, include_mtp=include_mtp)
-    batches, loose, conventions = _resolve(plan)
-    account(plan, expected_params(cfg, include_mtp=include_mtp), batches, loose)
-    _check_mtp(plan)
-    plan.naming = _naming(conventions)
-    from .config_check import quant_config_disagreements
-    plan.warnings += quant_config_disagreements(plan)
-    return plan
+        ck = checkpoint if checkpoint is not None else scan_checkpoint(path)
+        cfg = cfg if cfg is not None else load_config(path)
+        found, problems, explained, conventions = _resolve(ck, cfg)
+        books = account(expected_params(cfg, include_mtp=include_mtp), found, cfg, include_mtp)
+        plan = LoadPlan(path=path, cfg=cfg, checkpoint=ck, include_mtp=include_mtp, params=books.params,
+                        explained=explained + books.explained, naming=_naming(conventions))
+        plan.add(problems + books.problems)
+        _check_mtp(plan)
+        plan.warnings += quant_config_disagreements(plan)
+        return plan
 
 
 # ---- steps ----
-def _resolve(plan: LoadPlan) -> tuple[list[Found], list[tuple[int, str, AnySource]], set[str] | None]:
-    """Resolve every tensor: batches renamed in bulk, ``(position, canonical, source)`` for the rest, and the
-    conventions common to all names. Problems are recorded in tensor order."""
-    infos = list(plan.checkpoint.tensors.values())
-    resolver = Resolver(plan.cfg)
-    batches, rest = resolve_names(resolver, list(plan.checkpoint.tensors))
-    found: list[Found] = []
-    loose: list[tuple[int, str, AnySource]] = []
-    notes: list[tuple[int, list, object]] = []          # (position, plan list, entry)
-    common: set[str] | None = None
-    for b in batches:
-        convs = set(b.rule.conventions)
-        common = convs if common is None else (common & convs)
-        group = list(map(infos.__getitem__, b.index))
+def _resolve(ck: Checkpoint, cfg: DSV4Config) -> tuple[list[Found], list[Problem], list[dict[str, str]], set[str] | None]:
+    """Resolve every tensor name: the columns of renamed tensors, the naming problems and the tensors dropped
+    on purpose (each in tensor order), and the naming conventions common to all resolved names."""
+    infos = list(ck.tensors.values())
+    res = Resolver(cfg).resolve_names(list(ck.tensors), lambda i: infos[i].shape)
+    rules: list[Rule] = [b.rule for b in res.batches] + [r for _, r, _ in res.fused] + [r for _, r, _ in res.misplaced]
+    found, dropped = [], []
+    for b in res.batches:
+        sources = list(map(infos.__getitem__, b.index))
         if b.canonical is None:
-            notes += [(i, plan.explained, {"name": t.name, "file": t.file, "reason": b.rule.reason})
-                      for i, t in zip(b.index, group)]
-            continue
-        found.append(Found(b.canonical, group, b.index, b.text))
-    for i in rest:
-        info = infos[i]
-        try:
-            res = resolver.resolve(info.name, info.shape)
-        except DSV4Error as e:
-            notes.append((i, plan.errors, f"{info.file}: {e}"))
-            continue
-        if res.rule is None:
-            notes.append((i, plan.unmapped, {"name": info.name, "file": info.file, "reason": res.problem}))
-            continue
-        convs = set(res.rule.conventions)
-        common = convs if common is None else (common & convs)
-        if res.rule.target is None:
-            notes.append((i, plan.explained, {"name": info.name, "file": info.file, "reason": res.rule.reason}))
-            continue
-        if res.problem:
-            notes.append((i, plan.errors, f"{info.file}: {info.name}: {res.problem}"))
-            continue
-        loose += [(i, p.canonical, info if not p.ops and p.shape == info.shape else
-                   Source(info.name, info.file, info.dtype, p.shape, p.ops)) for p in res.pieces]
-    notes.sort(key=itemgetter(0))
-    for _, where, entry in notes:
-        where.append(entry)
-    return found, loose, common
+            dropped += [(i, {"name": t.name, "file": t.file, "reason": b.rule.reason}) for i, t in zip(b.index, sources)]
+        else:
+            found.append(Found(b.canonical, sources, b.index, b.text))
+    if res.fused:
+        pieces = [(i, p.canonical, _source(infos[i], p.shape, p.ops)) for i, _, ps in res.fused for p in ps]
+        canonical = [c for _, c, _ in pieces]
+        found.append(Found(canonical, [s for _, _, s in pieces], [i for i, _, _ in pieces], "\n".join(canonical)))
+
+    def problem(i: int, kind: str, part: str, reason: str) -> tuple[int, Problem]:
+        return i, Problem(kind, part, infos[i].name, infos[i].file, reason)
+    problems = ([problem(i, UNMAPPED, part_of(infos[i].name), "matches no naming rule") for i in res.unmapped]
+                + [problem(i, NAMING, part_of(infos[i].name), e.reason) for i, e in res.refused]
+                + [problem(i, MTP_ONLY, "main", why) for i, _, why in res.misplaced])
+    common = set.intersection(*(set(r.conventions) for r in rules)) if rules else None
+    return (found, [p for _, p in sorted(problems, key=itemgetter(0))],
+            [e for _, e in sorted(dropped, key=itemgetter(0))], common)
+
+
+def _source(info: TensorInfo, shape: tuple[int, ...], ops: tuple[tuple, ...]) -> AnySource:
+    """A piece of tensor ``info``: the tensor itself when the piece is all of it."""
+    return info if not ops and shape == info.shape else Source(info.name, info.file, info.dtype, shape, ops)
 
 
 def _check_mtp(plan: LoadPlan) -> None:
+    """The MTP block as a whole: dropped by a transformers save, or shaped like something else."""
     cfg = plan.cfg
     if not plan.include_mtp or cfg.n_mtp_layers == 0:
         return
-    has_mtp = any(pp.spec.part.startswith("mtp.") for pp in reversed(plan.params.values()))   # MTP comes last
-    mtp_unmapped = [u for u in plan.unmapped if u["name"].startswith(("mtp.", "model.mtp."))]
-    mtp_missing = [m for m in plan.missing if m["param"].startswith("mtp.")]
-    if not has_mtp and not mtp_unmapped and mtp_missing and not any(m["reason"].startswith("MTP layer")
-                                                                    for m in plan.unmapped):
-        plan.missing = [m for m in plan.missing if not m["param"].startswith("mtp.")]
-        plan.missing.append({"param": "mtp.*", "reason": _TRANSFORMERS_HINT.format(n=cfg.n_mtp_layers)})
+    has_mtp = any(pp.spec.part != "main" for pp in reversed(plan.params.values()))   # MTP comes last
+    placed_nowhere = [p for p in plan.unmapped if p.part != "main"]
+    mtp_missing = [p for p in plan.missing if p.part != "main"]
+    if not has_mtp and not placed_nowhere and mtp_missing:
+        plan.missing = [p for p in plan.missing if p.part == "main"]
+        plan.missing.append(Problem(MTP_DROPPED, "mtp.*", "mtp.*", "", _TRANSFORMERS_HINT.format(n=cfg.n_mtp_layers)))
         return
-    if mtp_unmapped:
-        names = sorted({u["name"] for u in mtp_unmapped})
+    if placed_nowhere:
+        names = sorted({p.tensor for p in placed_nowhere})
         shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
-        plan.errors.append(f"refusing the mtp.* block: it is shaped differently from a DeepSeek-V4 MTP layer "
-                           f"(unknown names: {shown}); a DSpark drafter (markov_head, no enorm/hnorm) is not "
-                           "supported by method=mtp")
+        plan.errors.append(Problem(FOREIGN_MTP, "mtp.*", "", "", "refusing the mtp.* block: it is shaped differently "
+                                   f"from a DeepSeek-V4 MTP layer (unknown names: {shown}); a DSpark drafter "
+                                   "(markov_head, no enorm/hnorm) is not supported by method=mtp"))
 
 
 def _naming(common: set[str] | None) -> str:

@@ -105,7 +105,7 @@ class PositionalReader:
         the ops still to apply."""
         import torch
 
-        from ..checkpoint.reader import TORCH_DTYPE_NAMES
+        from ..checkpoint.format import TORCH_DTYPE_NAMES
 
         path = os.path.join(self.ckpt.root, info.file)
         dtype = getattr(torch, TORCH_DTYPE_NAMES.get(info.dtype, ""), None)

@@ -1,27 +1,32 @@
 """Map every on-disk tensor name to canonical (upstream) tensor names, with the slicing each needs.
 
-Every name must match exactly one rule: none is an :class:`UnmappedTensorError` (collected by the plan),
-two is an :class:`AmbiguousRuleError` naming both reasons. Matching is done once per *skeleton* (the name
-with its numeric segments blanked), which is exact because rules only capture whole numeric segments.
+Every name must match exactly one rule: none leaves it unmapped (the plan reports it), two or more is an
+:class:`AmbiguousRuleError` naming every reason. All names of a checkpoint are resolved at once
+(``resolve_names``), one regex match per skeleton (``naming.batch``): plain renames come back as batches,
+fused tensors (cut by their shapes) as pieces. A layer index at or above L places a name in MTP block
+``index - L``.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import product
+from typing import Callable, Sequence
 
 from ..config import DSV4Config
-from ..errors import AmbiguousRuleError, TensorShapeError
-from .batch import at_least
-from .rule import Rule
-from .tables import PREFIX_ALIASES, RULES, RULES_COARSE, coarse_index
+from ..errors import AmbiguousRuleError, DSV4Error, TensorShapeError
+from .batch import Batch, at_least, forms, renamed
+from .rule import Rule, Unfuse, coarse
+from .tables import PREFIX_ALIASES, RULES, RULES_COARSE, CoarseIndex, coarse_index
 
-__all__ = ["Piece", "Resolved", "Resolver", "Op"]
+__all__ = ["Piece", "Resolution", "Resolver", "Op"]
 
 # A transform step applied to the on-disk tensor, in order: ("select", dim, i) | ("narrow", dim, start, n) | ("t",)
 Op = tuple
 
-_NUM = re.compile(r"(?<![^.])\d+(?![^.])")
+_LAYER = re.compile(r"layers\.(\d+)\.")
+_FIELD = re.compile(r"\{(\w+)(?::([\w|.]+))?\}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,14 +39,45 @@ class Piece:
     ops: tuple[Op, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """What one on-disk tensor means: its rule (None if unmapped) and the pieces it fills."""
+@dataclass(slots=True)
+class Resolution:
+    """Where every name went, by its position in the input."""
 
-    source: str
-    rule: Rule | None
-    pieces: tuple[Piece, ...]
-    problem: str = ""
+    batches: list[Batch] = field(default_factory=list)             # whole tensors renamed (or dropped) by a rule
+    fused: list[tuple[int, Rule, list[Piece]]] = field(default_factory=list)   # tensors cut into pieces
+    unmapped: list[int] = field(default_factory=list)              # names no rule matches
+    refused: list[tuple[int, DSV4Error]] = field(default_factory=list)   # several rules match; a shape that does not cut
+    misplaced: list[tuple[int, Rule, str]] = field(default_factory=list)  # an MTP-only name below layer L: why
+
+
+def _numeric_segments_are_indices(template: str) -> bool:
+    """True if every all-digit segment of every name ``template`` matches is one ``{L}``/``{K}``/``{E}``.
+
+    ``resolve_names`` decides once per skeleton; that is exact only if no rule reads a number as text."""
+    pieces: list[tuple[str, ...]] = []
+    pos = 0
+    for m in _FIELD.finditer(template):
+        name, alts = m.groups()
+        # an index is "\0" here; a role suffix always has letters, so it never makes a segment numeric
+        pieces += [(template[pos:m.start()],), tuple(alts.split("|")) if alts else ("x" if name == "Q" else "\0",)]
+        pos = m.end()
+    pieces.append((template[pos:],))
+    return all(seg == "\0" or not seg or seg.strip("0123456789\0")
+               for name in map("".join, product(*pieces)) for seg in name.split("."))
+
+
+@lru_cache(maxsize=8)
+def _checked_index(rules: tuple[Rule, ...]) -> CoarseIndex:
+    """The coarse index of ``rules``, once they are known to suit matching by skeleton."""
+    index = RULES_COARSE if rules is RULES else coarse_index(rules)
+    if index.wild:
+        raise ValueError(f"naming rule {rules[index.wild[0]].pattern.pattern!r} is not its template's regex: "
+                         "rules are matched by skeleton, so each must be written as a template")
+    for r in rules:
+        if not _numeric_segments_are_indices(r.key[0] + r.key[1]):
+            raise ValueError(f"naming rule {r.pattern.pattern!r} reads a numeric segment as text; "
+                             "every number must be an {L}, {K} or {E} placeholder")
+    return index
 
 
 class Resolver:
@@ -49,90 +85,109 @@ class Resolver:
 
     def __init__(self, cfg: DSV4Config, rules: Sequence[Rule] = RULES) -> None:
         self.cfg, self.rules = cfg, tuple(rules)
-        self._by_skeleton: dict[str, tuple[Rule, ...]] = {}
-        self._coarse = RULES_COARSE if self.rules is RULES else coarse_index(self.rules)
+        self._coarse = _checked_index(RULES if self.rules == RULES else self.rules)
         self._by_coarse: dict[str, tuple[Rule, ...]] = {}
-        # a main-layer name ``place_mtp`` moves into an MTP block (index >= L): at the start, after a newline
-        self.mtp_layer = re.compile(r"layers\." + at_least(cfg.n_layers) + r"\.")
-        self.mtp_layer_after_newline = re.compile(r"\nlayers\." + at_least(cfg.n_layers) + r"\.")
+        # a canonical "layers.N." with N >= L at the start of a line of "\n" + a batch's text
+        self._mtp_layer = re.compile(r"\nlayers\." + at_least(cfg.n_layers) + r"\.")
 
-    def coarse_candidates(self, form: str) -> tuple[Rule, ...]:
-        """Every rule that can match a name of coarse form ``form`` (``rule.coarse``), in table order."""
-        hit = self._by_coarse.get(form)
+    def candidates(self, form: str) -> tuple[Rule, ...]:
+        """Every rule that can match a name of digit-blanked form ``form``, in table order."""
+        key = coarse(form)
+        hit = self._by_coarse.get(key)
         if hit is None:
-            pos = sorted(set(self._coarse.by_form.get(form, ())).union(self._coarse.wild))
-            hit = self._by_coarse[form] = tuple(self.rules[p] for p in pos)
+            pos = sorted(self._coarse.by_form.get(key, ()))
+            hit = self._by_coarse[key] = tuple(self.rules[p] for p in pos)
         return hit
 
-    def is_template_rule(self, rule: Rule) -> bool:
-        """True if ``rule.pattern`` is its template's regex (literals, digit runs and word alternations only)."""
-        return id(rule) in self._coarse.templated
+    def resolve_names(self, names: Sequence[str], shape_of: Callable[[int], tuple[int, ...]]) -> Resolution:
+        """Resolve every name; ``shape_of(i)`` is the shape of tensor ``names[i]`` (read only for fused ones)."""
+        keys = _unaliased(names)
+        out = Resolution()
+        for f in forms(keys):
+            found = [self._matches(keys[i], f.form) for i in f.firsts()]
+            if len(found) == 1 or self._alike(found):
+                self._settle(found[0], f.index, f.runs, names, keys, shape_of, out)
+                continue
+            for found_one, index in zip(found, f.skeletons()):
+                self._settle(found_one, index, f.runs, names, keys, shape_of, out)
+        return out
 
-    def targets_layer(self, rule: Rule) -> bool:
-        """True if ``rule`` is a template rule whose target starts ``layers.{layer}.``: every name it renames
-        starts ``layers.N.`` with N its captured digits, the index ``place_mtp`` reads."""
-        return id(rule) in self._coarse.templated and (rule.target or "").startswith("layers.{layer}.")
+    def _alike(self, found: list[list[tuple[Rule, re.Match[str]]]]) -> bool:
+        """True if one rule matches every skeleton of a form and keeps (or drops) each name as it is: then
+        the skeletons need not be told apart (``w1``/``w2``/``w3`` of upstream experts)."""
+        rule = found[0][0][0] if len(found[0]) == 1 else None
+        return (rule is not None and (rule.target is None or id(rule) in self._coarse.identity)
+                and all(len(one) == 1 and one[0][0] is rule for one in found))
 
-    def renames_to_self(self, rule: Rule) -> bool:
-        """True if ``rule`` is a template rule whose target is its own template (upstream names)."""
-        return id(rule) in self._coarse.identity
+    def _matches(self, key: str, form: str) -> list[tuple[Rule, re.Match[str]]]:
+        return [(rule, m) for rule in self.candidates(form) if (m := rule.pattern.fullmatch(key))]
 
-    def _candidates(self, name: str) -> tuple[Rule, ...]:
-        skel = _NUM.sub("#", name)
-        hit = self._by_skeleton.get(skel)
-        if hit is None:
-            hit = tuple(r for r in self.rules if r.pattern.match(name))
-            self._by_skeleton[skel] = hit
-        return hit
+    def _settle(self, found: list[tuple[Rule, re.Match[str]]], index: list[int], runs: list[tuple[int, int]],
+                names: Sequence[str], keys: list[str], shape_of: Callable[[int], tuple[int, ...]],
+                out: Resolution) -> None:
+        """File the names of one skeleton (``found``: the rules that match its first name, with the match)."""
+        if not found:
+            out.unmapped += index
+        elif len(found) > 1:
+            hint = "; ".join(f"{rule.pattern.pattern} ({rule.reason})" for rule, _ in found)
+            out.refused += [(i, AmbiguousRuleError(f"matches several naming rules: {hint}", tensor=names[i]))
+                            for i in index]
+        elif found[0][0].target is None:
+            out.batches.append(Batch(found[0][0], index, None))
+        elif found[0][0].unfuse is not None:
+            self._cut(found[0][0], index, names, keys, shape_of, out)
+        else:
+            self._rename(*found[0], index, runs, keys, out)
 
-    def resolve(self, name: str, shape: Sequence[int]) -> Resolved:
-        key = name
-        for old, new, _ in PREFIX_ALIASES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-        rules = self._candidates(key)
-        if not rules:
-            return Resolved(name, None, (), "matches no naming rule")
-        if len(rules) > 1:
-            raise AmbiguousRuleError(tensor=name, hint="matches several naming rules: " +
-                                     "; ".join(f"{r.pattern.pattern} ({r.reason})" for r in rules))
-        rule = rules[0]
-        m = rule.pattern.match(key)
-        assert m is not None, (name, rule.pattern.pattern)
-        if rule.target is None:
-            return Resolved(name, rule, ())
-        groups = m.groupdict()
-        pieces = self._pieces(name, tuple(shape), rule, groups)
-        out, problem = [], ""
-        for p in pieces:
-            canon, problem_p = self.place_mtp(p.canonical, rule)
-            problem = problem or problem_p
-            out.append(Piece(canon, p.source, p.shape, p.ops))
-        return Resolved(name, rule, tuple(out), problem)
+    def _rename(self, rule: Rule, match: re.Match[str], index: list[int], runs: list[tuple[int, int]],
+                keys: list[str], out: Resolution) -> None:
+        names = list(map(keys.__getitem__, index))
+        canonical = names if id(rule) in self._coarse.identity else renamed(rule, match, runs, names)
+        text = "\n".join(canonical)
+        if rule.mtp_only or self._mtp_layer.search("\n" + text):      # some name sits in an MTP layer
+            placed = [self._place_mtp(c, rule) for c in canonical]
+            out.misplaced += [(i, rule, problem) for i, (_, problem) in zip(index, placed) if problem]
+            index = [i for i, (_, problem) in zip(index, placed) if not problem]
+            canonical = [c for c, problem in placed if not problem]
+            text = "\n".join(canonical)
+        if index:
+            out.batches.append(Batch(rule, index, canonical, text))
 
-    def resolve_all(self, items: Iterable[tuple[str, Sequence[int]]]) -> list[Resolved]:
-        return [self.resolve(n, s) for n, s in items]
+    def _cut(self, rule: Rule, index: list[int], names: Sequence[str], keys: list[str],
+             shape_of: Callable[[int], tuple[int, ...]], out: Resolution) -> None:
+        """Fused tensors, one by one: their pieces' sizes depend on each tensor's shape."""
+        for i in index:
+            groups = rule.pattern.fullmatch(keys[i]).groupdict()  # type: ignore[union-attr]  # one skeleton
+            try:
+                pieces = self._pieces(names[i], tuple(shape_of(i)), rule, groups)
+            except DSV4Error as e:
+                out.refused.append((i, e))
+                continue
+            placed = [self._place_mtp(p.canonical, rule) for p in pieces]
+            problem = next((problem for _, problem in placed if problem), "")
+            if problem:
+                out.misplaced.append((i, rule, problem))
+            else:
+                out.fused.append((i, rule, [Piece(c, p.source, p.shape, p.ops) for (c, _), p in zip(placed, pieces)]))
 
-    def place_mtp(self, canon: str, rule: Rule) -> tuple[str, str]:
-        """``layers.N.`` with N >= L is MTP block ``N - L``; MTP-only names below L are a problem."""
-        if not canon.startswith("layers."):
+    def _place_mtp(self, canon: str, rule: Rule) -> tuple[str, str]:
+        """``layers.N.`` with N >= L is MTP block ``N - L``; an MTP-only name below L is a problem."""
+        m = _LAYER.match(canon)
+        if m is None:
             return canon, ""
-        dot = canon.index(".", 7)
-        n, L = int(canon[7:dot]), self.cfg.n_layers
+        n, L = int(m.group(1)), self.cfg.n_layers
         if n >= L:
-            return f"mtp.{n - L}" + canon[dot:], ""
+            return f"mtp.{n - L}." + canon[m.end():], ""
         if rule.mtp_only:
             return canon, f"only valid in an MTP layer (index >= {L}), found in layer {n}"
         return canon, ""
 
     def _pieces(self, name: str, shape: tuple[int, ...], rule: Rule, g: dict[str, str | None]) -> list[Piece]:
         uf = rule.unfuse
-        assert rule.target is not None
-        if uf is None:
-            return [Piece(rule.target.format(**g), name, shape)]
+        assert rule.target is not None and uf is not None
         role = g.get("role") or "weight"
         if uf.transposed and role != "weight":
-            raise TensorShapeError(tensor=name, hint=f"transposed stacked experts carry no quant roles; found {role}")
+            raise TensorShapeError(f"transposed stacked experts carry no quant roles; found {role}", tensor=name)
         experts: list[tuple[Op, ...]] = [()]
         rest = shape
         if uf.stacked:
@@ -148,7 +203,8 @@ class Resolver:
                 pieces.append(Piece(rule.target.format(**fmt), name, pshape, pre + ops))
         return pieces
 
-    def _split(self, name: str, shape: tuple[int, ...], uf, role: str) -> list[tuple[str, tuple[Op, ...], tuple[int, ...]]]:
+    def _split(self, name: str, shape: tuple[int, ...], uf: Unfuse,
+               role: str) -> list[tuple[str, tuple[Op, ...], tuple[int, ...]]]:
         """Cut one (per-expert) tensor into its parts. Quant companions are cut in proportion."""
         tail: tuple[Op, ...] = (("t",),) if uf.transposed else ()
         out_shape = tuple(reversed(shape)) if uf.transposed and len(shape) == 2 else shape
@@ -172,7 +228,7 @@ class Resolver:
             raise TensorShapeError(tensor=name, expected=f"dim {stored_dim} proportional to {want} ({uf.parts})",
                                    found=list(shape))
         sizes = [s * total // want for s in logical]
-        if sum(sizes) != total or any(s * want != l * total for s, l in zip(sizes, logical)):
+        if sum(sizes) != total or any(s * want != n * total for s, n in zip(sizes, logical)):
             raise TensorShapeError(tensor=name, expected=f"parts {uf.parts} of sizes {logical} to split dim {stored_dim} "
                                    f"evenly ({role})", found=list(shape))
         pieces, start = [], 0
@@ -183,3 +239,13 @@ class Resolver:
             pieces.append((part, (("narrow", stored_dim, start, n),) + tail, ps))
             start += n
         return pieces
+
+
+def _unaliased(names: Sequence[str]) -> list[str]:
+    """``names`` with whole-prefix spellings normalised (``PREFIX_ALIASES``), as the rules spell them."""
+    keys = list(names)
+    text = "\n" + "\n".join(keys)
+    for old, new, _ in PREFIX_ALIASES:
+        if "\n" + old in text:
+            keys = [new + k[len(old):] if k.startswith(old) else k for k in keys]
+    return keys

@@ -72,7 +72,7 @@ class DSV4MTPDraft(nn.Module):
         self.plan = build_plan(model_path(draft_config), include_mtp=True)
         report = self.plan.mtp_report()
         if not report["complete"]:
-            problems = [p for p in self.plan.problems() if "mtp" in p.lower()] or self.plan.problems()
+            problems = self.plan.mtp_problems() or self.plan.problems()
             raise MTPLayoutError(file=self.plan.path, tensor="mtp.*",
                                  hint="speculative decoding with method=mtp needs the checkpoint's MTP block: "
                                       + "; ".join(problems[:6]) + " (without --speculative-config the target "

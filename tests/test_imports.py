@@ -1,0 +1,103 @@
+"""Package structure: no import cycle between our modules, no oversized module.
+
+The graph is built from the source text (``ast``), so it also counts imports that run late or never:
+function-level imports and ``if TYPE_CHECKING:`` imports are edges too. A cycle hidden behind either still
+means two modules each need the other to be understood, which is the thing this test forbids.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "vllm_deepseek_v4"
+ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
+MAX_LINES = 450
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The module an ``ImportFrom`` names, made absolute (``from ..x import y`` inside ``a.b.c`` -> ``a.x``)."""
+    if not node.level:
+        return node.module or ""
+    base = module.split(".")
+    if not is_package:                                  # a module's own package is its name minus the last part
+        base = base[:-1]
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports_of(module: str) -> set[str]:
+    """Our modules that ``module`` imports anywhere in its text (top level, functions, TYPE_CHECKING)."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            target = _absolute(module, path.name == "__init__.py", node)
+            # ``from pkg import sub`` imports the submodule ``pkg.sub`` when there is one, else a name of ``pkg``
+            names = [f"{target}.{a.name}" if f"{target}.{a.name}" in MODULES else target for a in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in MODULES:         # ``import a.b.c as x`` of a non-module attribute
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                out.add(name)
+    return out
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as ``[a, b, ..., a]``, or None (iterative depth-first search)."""
+    state: dict[str, int] = {}                          # 1 on the current path, 2 done
+    for start in sorted(graph):
+        if state.get(start):
+            continue
+        path, stack = [start], [iter(sorted(graph[start]))]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph[nxt])))
+    return None
+
+
+def test_the_graph_sees_every_kind_of_import():
+    """The walker itself: relative, absolute, function-level and TYPE_CHECKING imports are all edges."""
+    graph = {m: imports_of(m) for m in MODULES}
+    assert f"{PACKAGE}.loader.plan" in graph[f"{PACKAGE}.cli.inspect_cmd"]          # function-level
+    assert f"{PACKAGE}.loader.plan" in graph[f"{PACKAGE}.loader.stream"]            # TYPE_CHECKING
+    assert f"{PACKAGE}.errors" in graph[f"{PACKAGE}.checkpoint.format"]             # absolute
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_between_package_modules():
+    graph = {m: imports_of(m) for m in MODULES}
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_module_is_at_most_450_lines(module):
+    n = len(MODULES[module].read_text(encoding="utf-8").splitlines())
+    assert n <= MAX_LINES, f"{MODULES[module].relative_to(ROOT.parent)}: {n} lines (at most {MAX_LINES})"
