@@ -21,7 +21,6 @@ from vllm_deepseek_v4.errors import ConfigError, KernelUnsupportedError, TensorS
 from vllm_deepseek_v4.kernels import dispatch
 from vllm_deepseek_v4.kernels.attention import sink_attention_ref
 from vllm_deepseek_v4.model import DSV4Model, QLinear, build_model, resolve_schemes, role_layout
-from vllm_deepseek_v4.model.compressor import Compressor, CompressorState
 from vllm_deepseek_v4.model.hyper import sinkhorn
 from vllm_deepseek_v4.model.primitives import apply_rope, rope_inv_freq
 
@@ -158,11 +157,19 @@ def test_layer_schedule_builds_the_right_modules(model: DSV4Model) -> None:
     assert model.layers[1].attn.compressor.overlap and not model.layers[2].attn.compressor.overlap
 
 
+def _entries(comp, x: torch.Tensor) -> torch.Tensor:
+    """The compressor's entries of every complete window of a sequence ``x`` from position 0."""
+    n = x.shape[1] // comp.ratio * comp.ratio
+    return comp.pool(*comp.project(x[:, :n]), 0, 0, x.dtype)
+
+
 def test_indexer_picks_topk_among_completed_entries(model: DSV4Model) -> None:
     attn = model.layers[1].attn
-    x, qr = torch.randn(1, T, 64), torch.randn(1, T, 32)
-    picked = attn.indexer(x, qr, 0, CompressorState())[0]                      # [T, n]
-    visible = torch.arange(picked.shape[1])[None, :] < ((torch.arange(T) + 1) // 4)[:, None]
+    x, qr, pos = torch.randn(1, T, 64), torch.randn(1, T, 32), torch.arange(T)
+    keys = _entries(attn.indexer.compressor, x)
+    visible = torch.arange(keys.shape[1])[None, :] < ((pos + 1) // 4)[:, None]
+    assert torch.equal(attn.entry_visibility(pos, keys.shape[1]), visible)
+    picked = attn.indexer.select(x, qr, keys, pos, visible[None])[0]          # [T, n]
     assert not (picked & ~visible).any()
     assert picked.sum(-1).tolist() == visible.sum(-1).clamp(max=4).tolist()
 
@@ -171,7 +178,7 @@ def test_plain_compressor_entry_is_softmax_pool_of_its_window() -> None:
     cfg = make_config()
     comp = make_model(cfg).layers[2].attn.compressor                           # ratio 8, no overlap
     x = torch.randn(1, 21, cfg.dim)
-    entries = comp(x, 0, CompressorState())
+    entries = _entries(comp, x)
     assert entries.shape == (1, 2, cfg.head_dim)                               # tokens 16..20 are pending
     a, g = x[0, 8:16] @ comp.wkv.weight.T, x[0, 8:16] @ comp.wgate.weight.T + comp.ape
     c = comp.norm((g.softmax(0) * a).sum(0))
@@ -183,7 +190,7 @@ def test_overlap_compressor_mixes_previous_a_halves_and_own_b_halves() -> None:
     cfg = make_config()
     comp = make_model(cfg).layers[1].attn.compressor                           # ratio 4, overlap
     hd, x = cfg.head_dim, torch.randn(1, 12, cfg.dim)
-    entries = comp(x, 0, CompressorState())
+    entries = _entries(comp, x)
     a, g = x[0] @ comp.wkv.weight.T, x[0] @ comp.wgate.weight.T + comp.ape.repeat(3, 1)
     slots_a = torch.cat((a[4:8, :hd], a[8:12, hd:]))                           # window 2: A of w=1, B of w=2
     slots_g = torch.cat((g[4:8, :hd], g[8:12, hd:]))
@@ -193,13 +200,6 @@ def test_overlap_compressor_mixes_previous_a_halves_and_own_b_halves() -> None:
     first = comp.norm((g[0:4, hd:].softmax(0) * a[0:4, hd:]).sum(0))          # window 0: no previous slots
     torch.testing.assert_close(entries[0, 0], apply_rope(first[None, None], torch.tensor([0]),
                                                          rope_inv_freq(cfg, 4))[0, 0])
-
-
-def test_compressor_state_keeps_only_unconsumed_rows() -> None:
-    cfg = make_config()
-    state = CompressorState()
-    Compressor(cfg, 4, 16, "bf16", dtype=torch.float32)(torch.zeros(1, 10, cfg.dim), 0, state)
-    assert state.n_entries == 2 and state.rows_kv.shape[1] == 6                # last full window + 2 pending
 
 
 # ---- primitives ----

@@ -145,9 +145,8 @@ def test_snapshot_is_independent_of_later_decoding(random_model, prompt):
 
 
 def test_snapshot_refuses_external_caches():
-    class Paged:
-        def attend(self, attn, x):  # pragma: no cover - never called
-            raise AssertionError
+    class Paged:                     # any KVStore but the in-process AttnCache (e.g. vLLM's paged caches)
+        pass
     with pytest.raises(Exception, match="external KV cache"):
         snapshot_state(ModelState([Paged()]))
 

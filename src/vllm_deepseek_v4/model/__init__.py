@@ -6,12 +6,11 @@ through ``vllm_deepseek_v4.kernels.dispatch``.
 """
 from __future__ import annotations
 
-from .attention import AttnCache
 from .block import GROUPS
-from .compressor import CompressorState
 from .init import init_random_
+from .kv_store import AttnCache, KVStore
 from .linear import QLinear, role_layout
 from .model import DSV4Model, ModelState, Schemes, build_model, resolve_schemes
 
-__all__ = ["DSV4Model", "ModelState", "AttnCache", "CompressorState", "Schemes", "GROUPS", "QLinear",
+__all__ = ["DSV4Model", "ModelState", "AttnCache", "KVStore", "Schemes", "GROUPS", "QLinear",
            "role_layout", "build_model", "resolve_schemes", "init_random_"]

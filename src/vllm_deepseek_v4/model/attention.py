@@ -9,41 +9,30 @@ Arch doc section 5. Per layer ratio ``r = compress_ratios[layer]``:
 
 The window holds ``window_size`` keys including the query itself. K and V are the same latent, so RoPE is
 undone on the output before the grouped low-rank output projection (``wo_a`` per group, then ``wo_b``).
+
+This module is the only place the steps are written (project -> write -> pool -> select -> attend), for
+the in-process cache and vLLM's paged caches alike: both are a :class:`~.kv_store.KVStore`, which only
+stores and locates rows and entries by token position.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from ..config import DSV4Config
 from ..kernels import dispatch
-from .compressor import CSA_RATIO, Compressor, CompressorState, Indexer
+from .compressor import CSA_RATIO, Compressor, Indexer, windows_pooled
+from .kv_store import KVStore, Rows, Segment
 from .linear import QLinear
 from .primitives import RMSNorm, apply_rope, rms_unweighted, rope_inv_freq
 
-__all__ = ["AttnCache", "ExternalKV", "Attention"]
+__all__ = ["Attention", "history"]
 
 
-@runtime_checkable
-class ExternalKV(Protocol):
-    """A per-layer cache owned outside the model (e.g. vLLM's paged KV blocks). It receives the attention
-    module and its normed input and returns the output, composing ``project`` / ``attend`` and the
-    compressor / indexer pieces itself, so the math stays this module's."""
-
-    def attend(self, attn: Attention, x: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass
-class AttnCache:
-    """Decode state of one attention layer: the last ``window_size - 1`` latents ``[B, n, d]`` and the
-    compressor / indexer states (left empty on layers that have none)."""
-
-    window: torch.Tensor | None = None
-    compressor: CompressorState = field(default_factory=CompressorState)
-    indexer: CompressorState = field(default_factory=CompressorState)
+def history(cfg: DSV4Config, ratio: int) -> int:
+    """How many positions before its first token a step reads: the window's ``window_size - 1`` keys, and
+    the rows of every window an entry completed in the step pools (``windows_pooled(r) * r - 1`` back)."""
+    return max(cfg.window_size - 1, windows_pooled(ratio) * ratio - 1 if ratio else 0)
 
 
 class Attention(nn.Module):
@@ -68,25 +57,63 @@ class Attention(nn.Module):
         if self.ratio == CSA_RATIO:
             self.indexer = Indexer(cfg, schemes, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, start: int, cache: AttnCache | ExternalKV) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cache: KVStore) -> torch.Tensor:
         """``x [B, S, D]`` (normed sub-layer input) at positions ``start..start+S-1`` -> ``[B, S, D]``.
 
-        ``cache`` is this module's in-memory :class:`AttnCache`, or an :class:`ExternalKV` that owns the keys
-        elsewhere (the vLLM plugin's paged caches); the latter gets the whole call and uses the pieces below.
+        ``cache`` stores this layer's rows and entries: the in-process ``AttnCache`` (``start`` is where the
+        tokens go) or the vLLM plugin's paged caches (``B = 1``; positions and requests come from vLLM's
+        metadata, and tokens past the scheduled ones are padding, whose output is zero).
         """
-        if not isinstance(cache, AttnCache):
-            return cache.attend(self, x)
-        pos = torch.arange(start, start + x.shape[1], device=x.device)
-        q, qr, kv = self.project(x, pos)
-        keys, mask = self._window(kv, start, cache)
+        step = cache.begin(x, start)
+        if step is None:                    # no cache bound to this batch (vLLM profiling): output unused
+            return x.new_zeros(x.shape)
+        pos, segments = step
+        T = pos.shape[0]
+        xs = x[:, :T]
+        q, qr, kv = self.project(xs, pos)
+        comp = self.compressor.project(xs) if self.ratio > 0 else None
+        index = self.indexer.compressor.project(xs) if self.ratio == CSA_RATIO else None
+        cache.write(Rows(kv, comp, index))
+        outs = [self._segment(cache, sg, xs[:, sg.a:sg.b], q[:, sg.a:sg.b], qr[:, sg.a:sg.b], pos[sg.a:sg.b])
+                for sg in segments] or [x.new_zeros(x.shape[0], 0, x.shape[2])]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if x.shape[1] > T:                  # vLLM's padding tokens
+            out = torch.cat((out, x.new_zeros(x.shape[0], x.shape[1] - T, out.shape[-1])), dim=1)
+        return out
+
+    def _segment(self, cache: KVStore, sg: Segment, x: torch.Tensor, q: torch.Tensor, qr: torch.Tensor,
+                 pos: torch.Tensor) -> torch.Tensor:
+        """One request's queries (``x``, ``q``, ``qr`` at ``pos``) over its window and compressed entries."""
+        first = max(0, sg.s - self.cfg.window_size + 1)
+        keys = cache.window(sg, first)                                             # positions first..e-1
+        mask = cache.memo(("window", sg), lambda: self.window_mask(pos, first, sg.e))
         if self.ratio > 0:
-            entries = self.compressor(x, start, cache.compressor)                 # [B, n, d]
-            picked = self.entry_visibility(pos, entries.shape[1])[None]            # HCA: all completed
+            entries, index_keys = self._entries(cache, sg, x)
+            n = entries.shape[1]
+            picked = cache.memo(("visible", sg, self.ratio), lambda: self.entry_visibility(pos, n)[None])
             if self.ratio == CSA_RATIO:                                            # CSA: indexer's top-k
-                picked = picked & self.indexer(x, qr, start, cache.indexer)
+                picked = self.indexer.select(x, qr, index_keys, pos, picked)
             keys = torch.cat((keys, entries), dim=1)
             mask = torch.cat((mask.expand(picked.shape[0], -1, -1), picked), dim=-1)
+        cache.release(sg, sg.e - history(self.cfg, self.ratio))
         return self.attend(q, keys, mask, pos)
+
+    def _entries(self, cache: KVStore, sg: Segment, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pool and store the entries whose window ends in this segment; all entries so far ``[B, n, hd]``
+        (and the indexer's keys on CSA layers)."""
+        r = self.ratio
+        done, n = sg.s // r, sg.e // r                          # entries done..n-1 complete in this segment
+        if n == 0:                                              # none yet: empty, for uniform concatenation
+            return (x.new_zeros(x.shape[0], 0, self.compressor.head_dim),
+                    x.new_zeros(x.shape[0], 0, self.indexer.head_dim) if r == CSA_RATIO else None)
+        if n > done:
+            lo = max(done - windows_pooled(r) + 1, 0)          # first window their rows come from
+            comp, index = cache.pool_rows(sg, lo * r, n * r)
+            new = [self.compressor.pool(*comp, lo, done, x.dtype)]
+            if index is not None:
+                new.append(self.indexer.compressor.pool(*index, lo, done, x.dtype))
+            cache.write_entries(sg, done, new)
+        return cache.entries(sg, n)
 
     def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, S, D]`` at positions ``pos [S]`` -> roped queries ``[B, S, H, d]``, the low-rank query
@@ -100,8 +127,14 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(dispatch.linear(x, self.wkv)), pos, inv_freq)  # [B, S, d]
         return q, qr, kv
 
+    def window_mask(self, pos: torch.Tensor, first: int, end: int) -> torch.Tensor:
+        """``[1, S, end - first]``: the query at ``p`` sees the keys at ``p - window_size + 1 .. p``."""
+        diff = pos[:, None] - torch.arange(first, end, device=pos.device)[None, :]
+        return ((diff >= 0) & (diff < self.cfg.window_size))[None]
+
     def entry_visibility(self, pos: torch.Tensor, n: int) -> torch.Tensor:
-        """``[S, n]``: compressed entry ``i`` is visible to the query at ``p`` once its window is complete."""
+        """``[S, n]``: compressed entry ``i`` is visible to the query at ``p`` once its window is complete
+        (also the indexer's candidates)."""
         return torch.arange(n, device=pos.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -114,12 +147,3 @@ class Attention(nn.Module):
         o = apply_rope(o, pos, rope_inv_freq(cfg, self.ratio, q.device), inverse=True)
         z = dispatch.grouped_linear(o.reshape(B, S, G, H * d // G), self.wo_a, G)  # [B, S, G, o_lora]
         return dispatch.linear(z.flatten(-2), self.wo_b)
-
-    def _window(self, kv: torch.Tensor, start: int, cache: AttnCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Window keys (cached + new) and their mask ``[1, S, n_keys]``; updates the cache."""
-        w, end = self.cfg.window_size, start + kv.shape[1]
-        keys = kv if cache.window is None else torch.cat((cache.window, kv), dim=1)
-        pos = torch.arange(start, end, device=kv.device)
-        diff = pos[:, None] - torch.arange(end - keys.shape[1], end, device=kv.device)[None, :]
-        cache.window = keys[:, keys.shape[1] - min(keys.shape[1], w - 1):]
-        return keys, ((diff >= 0) & (diff < w))[None]

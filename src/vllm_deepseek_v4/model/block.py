@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from ..config import DSV4Config
-from .attention import Attention, AttnCache, ExternalKV
+from .attention import Attention
 from .hyper import hc_post, hc_pre
+from .kv_store import KVStore
 from .moe import MoE
 from .primitives import RMSNorm
 
@@ -37,7 +38,7 @@ class Block(nn.Module):
         self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = f32(mix, N * cfg.dim), f32(mix), f32(3)
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = f32(mix, N * cfg.dim), f32(mix), f32(3)
 
-    def forward(self, X: torch.Tensor, ids: torch.Tensor, start: int, cache: AttnCache | ExternalKV) -> torch.Tensor:
+    def forward(self, X: torch.Tensor, ids: torch.Tensor, start: int, cache: KVStore) -> torch.Tensor:
         """Streams ``X [B, S, N, D]`` at positions ``start..`` -> ``[B, S, N, D]``; updates ``cache``."""
         c = self.cfg
         y, post, comb = hc_pre(X, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale,

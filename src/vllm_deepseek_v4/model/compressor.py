@@ -4,17 +4,15 @@ Every ``r`` tokens a compressor emits one entry: a per-channel softmax-gated sum
 rows. Ratio 4 (CSA) runs in *overlap* mode: entry ``w`` mixes the A halves of window ``w-1`` with the B
 halves of window ``w`` (2r slots). Any other ratio (128 in Flash/Pro; 8 etc. in tiny test configs) is plain.
 
-Both modules are incremental: a :class:`CompressorState` keeps the projected rows that are not yet fully
-consumed plus every entry emitted so far, so prefill, chunked prefill and token-by-token decode emit the
-same entries.
+Both modules are stateless: ``project`` gives each token's rows, ``pool`` turns the rows of complete windows
+into entries. The attention layer decides which entries a step computes and keeps rows and entries in its
+KV store (``attention.py``, ``kv_store.py``), so prefill, chunked prefill and decode emit the same entries.
 
 The indexer does **not** apply the reference's Walsh-Hadamard rotation: it is orthonormal and applied to
 both queries and keys, so the scores are unchanged in exact arithmetic; the reference needs it only for
 its FP4 fake-quantisation, which a BF16 model does not simulate either.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,27 +22,15 @@ from ..kernels import dispatch
 from .linear import QLinear
 from .primitives import RMSNorm, apply_rope, rope_inv_freq
 
-__all__ = ["CSA_RATIO", "CompressorState", "Compressor", "Indexer"]
+__all__ = ["CSA_RATIO", "windows_pooled", "Compressor", "Indexer"]
 
 CSA_RATIO = 4   # compress_ratios value of CSA layers: overlap compressor + indexer (docs/dsv4-architecture.md §1.2)
 
 
-@dataclass
-class CompressorState:
-    """Projected rows not yet fully consumed (``[B, n, c*hd]`` fp32, ending at the current position) and the
-    emitted entries ``[B, n_entries, hd]`` (model dtype)."""
-
-    rows_kv: torch.Tensor | None = None
-    rows_gate: torch.Tensor | None = None
-    entries: torch.Tensor | None = None
-
-    @property
-    def n_entries(self) -> int:
-        return 0 if self.entries is None else self.entries.shape[1]
-
-
-def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    return new if old is None else torch.cat((old, new), dim=1)
+def windows_pooled(ratio: int) -> int:
+    """How many windows' rows one entry of a ratio-``ratio`` compressor pools: its own, and in overlap mode
+    (CSA) also the previous window's (for their A halves)."""
+    return 2 if ratio == CSA_RATIO else 1
 
 
 class Compressor(nn.Module):
@@ -86,27 +72,6 @@ class Compressor(nn.Module):
         pos = torch.arange(first, w0 + n, device=rows_kv.device) * r       # first token of each window
         return apply_rope(c, pos, rope_inv_freq(self.cfg, r, rows_kv.device))
 
-    def forward(self, x: torch.Tensor, start: int, state: CompressorState) -> torch.Tensor:
-        """Feed ``x [B, S, D]`` at positions ``start..start+S-1``; returns all entries so far ``[B, n, hd]``."""
-        r, hd = self.ratio, self.head_dim
-        B, S, _ = x.shape
-        new_kv, new_gate = self.project(x)
-        rows_kv, rows_gate = _cat(state.rows_kv, new_kv), _cat(state.rows_gate, new_gate)   # [B, n_rows, c*hd]
-        end = start + S
-        first = end - rows_kv.shape[1]                 # position of rows[0]; a window start by construction
-        done, complete = state.n_entries, end // r
-        if complete > done:
-            w0 = first // r
-            n = complete - w0
-            c = self.pool(rows_kv[:, :n * r], rows_gate[:, :n * r], w0, done, x.dtype)
-            state.entries = _cat(state.entries, c)
-        # Keep the rows of the open window (and, in overlap mode, of the last completed one).
-        keep_from = max(complete - 1, 0) * r if self.overlap else complete * r
-        state.rows_kv, state.rows_gate = rows_kv[:, keep_from - first:], rows_gate[:, keep_from - first:]
-        if state.entries is None:
-            state.entries = x.new_zeros(B, 0, hd)
-        return state.entries
-
 
 class Indexer(nn.Module):
     """Top-k selection of compressed entries for CSA layers: ``wq_b [IH*ID, q_lora]``, ``weights_proj [IH, D]``
@@ -120,13 +85,10 @@ class Indexer(nn.Module):
         self.weights_proj = QLinear(cfg.dim, self.n_heads, schemes["router"], dtype=dtype)
         self.compressor = Compressor(cfg, CSA_RATIO, self.head_dim, schemes["compressor"], dtype=dtype)
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, start: int, state: CompressorState) -> torch.Tensor:
-        """``x [B, S, D]`` (attention input), ``qr [B, S, q_lora]`` -> selection mask ``[B, S, n_entries]``."""
-        keys = self.compressor(x, start, state)                                # [B, n, ID]
-        return self.select(x, qr, keys, torch.arange(start, start + x.shape[1], device=x.device))
-
-    def select(self, x: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Top-k of the completed ``keys [B, n, ID]`` for the queries at ``pos [S]`` -> mask ``[B, S, n]``."""
+    def select(self, x: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
+               visible: torch.Tensor) -> torch.Tensor:
+        """Top-k of ``keys [B, n, ID]`` for the queries ``x``, ``qr`` at ``pos [S]``, among the entries each
+        query may see (``visible [1|B, S, n]``, ``Attention.entry_visibility``) -> mask ``[B, S, n]``."""
         B, S, _ = x.shape
         n = keys.shape[1]
         q = dispatch.linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim)
@@ -134,7 +96,6 @@ class Indexer(nn.Module):
         w = dispatch.linear(x, self.weights_proj).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
         scores = (scores * w[..., None]).sum(dim=2)                            # [B, S, n]
-        visible = torch.arange(n, device=x.device)[None, :] < ((pos + 1) // CSA_RATIO)[:, None]   # [S, n]
         scores = scores.masked_fill(~visible, float("-inf"))
         # Top-k with ties broken towards the older entry: ReLU makes exact ties (all heads at 0) common
         # in small models, and a fixed rule keeps prefill, chunked prefill and decode picking the same set.

@@ -26,9 +26,9 @@ from ..config import DSV4Config
 from ..errors import ConfigError
 from ..kernels import dispatch
 from ..quant import SCHEMES
-from .attention import AttnCache, ExternalKV
 from .block import GROUPS, Block, f32
 from .hyper import hc_head
+from .kv_store import AttnCache, KVStore
 from .linear import QLinear
 from .mtp import MTPBlock
 from .primitives import Embedding, RMSNorm
@@ -61,7 +61,7 @@ class ModelState:
     """Decode state of one stack (the main layers, or one MTP block): per-layer caches and the number of
     tokens already consumed (the position of the next token)."""
 
-    layers: list[AttnCache | ExternalKV] = field(default_factory=list)
+    layers: list[KVStore] = field(default_factory=list)
     pos: int = 0
 
 
@@ -104,8 +104,8 @@ class DSV4Model(nn.Module):
     def streams(self, ids: torch.Tensor, state: ModelState) -> torch.Tensor:
         """The main stack without its head: ``ids [B, S]`` -> streams ``[B, S, N, D]`` before ``hc_head``.
 
-        ``state.layers`` holds one cache per layer: an :class:`AttnCache`, or an external KV manager that
-        the attention layers delegate to (see ``attention.ExternalKV``)."""
+        ``state.layers`` holds one :class:`~.kv_store.KVStore` per layer: an in-process :class:`AttnCache`,
+        or the vLLM plugin's paged caches."""
         start = state.pos
         h = self.embed(ids)                                                        # [B, S, D]
         X = h[:, :, None, :].expand(-1, -1, self.cfg.hc_mult, -1).contiguous()     # N identical streams

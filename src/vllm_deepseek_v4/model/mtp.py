@@ -12,9 +12,9 @@ import torch
 from ..config import DSV4Config
 from ..errors import TensorShapeError
 from ..kernels import dispatch
-from .attention import AttnCache, ExternalKV
 from .block import Block, f32
 from .hyper import hc_head
+from .kv_store import KVStore
 from .linear import QLinear
 from .primitives import RMSNorm
 
@@ -35,7 +35,7 @@ class MTPBlock(Block):
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = f32(N, N * D), f32(N), f32(1)
 
     def forward(self, X: torch.Tensor, e: torch.Tensor, ids: torch.Tensor, start: int,  # type: ignore[override]
-                cache: AttnCache | ExternalKV) -> torch.Tensor:
+                cache: KVStore) -> torch.Tensor:
         """``X [B, S, N, D]`` main streams at positions ``start..``, ``e [B, S, D]`` embeddings of the next
         tokens ``ids [B, S]`` -> the block's output streams ``Z [B, S, N, D]`` (pre-``hc_head``)."""
         want = (*e.shape[:2], self.cfg.hc_mult, self.cfg.dim)

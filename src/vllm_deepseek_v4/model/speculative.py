@@ -16,12 +16,12 @@ floating-point differences between a chunked and a one-token forward (the tests 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import DSV4Error
-from .attention import AttnCache
+from .kv_store import AttnCache
 from .model import DSV4Model, ModelState
 
 __all__ = ["SpecStats", "snapshot_state", "greedy_generate", "speculative_generate"]
@@ -67,18 +67,11 @@ class SpecStats:
 
 def snapshot_state(state: ModelState) -> ModelState:
     """A copy of ``state`` to roll back to (tensors cloned, so it survives any later cache update)."""
-    def clone(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.clone()
-
-    layers = []
     for i, c in enumerate(state.layers):
         if not isinstance(c, AttnCache):
             raise DSV4Error(f"snapshot_state: layer {i} holds an external KV cache ({type(c).__name__}); "
                             "only the in-memory AttnCache can be rolled back here")
-        comp = [replace(s, rows_kv=clone(s.rows_kv), rows_gate=clone(s.rows_gate), entries=clone(s.entries))
-                for s in (c.compressor, c.indexer)]
-        layers.append(AttnCache(window=clone(c.window), compressor=comp[0], indexer=comp[1]))
-    return ModelState(layers, state.pos)
+    return ModelState([c.snapshot() for c in state.layers], state.pos)
 
 
 def _check(model: DSV4Model, ids: torch.Tensor, n: int) -> None:

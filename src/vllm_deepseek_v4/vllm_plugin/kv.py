@@ -1,4 +1,4 @@
-"""DSv4 attention state in vLLM-allocated paged caches, computed with our portable modules' math.
+"""DSv4 attention state in vLLM-allocated paged caches: the paged ``KVStore`` of ``model/attention.py``.
 
 Every attention layer (trunk and MTP) owns two cache *layers* that vLLM allocates and block-manages:
 
@@ -9,6 +9,7 @@ Every attention layer (trunk and MTP) owns two cache *layers* that vLLM allocate
 - ``...attn.kv_compressed`` (``MLAAttentionSpec``, compressed layers only): compressed entry ``w`` (and the
   CSA indexer's key ``w``) in the row of position ``(w + 1) * r - 1``, the last token of its window.
 
+This module only stores and locates (block tables, slots); ``Attention.forward`` does every step of the math.
 Why rejected draft tokens need no rollback: everything is keyed by token position (``slot_mapping`` is per
 token). A step first writes the rows of its own tokens, then (re)computes every entry whose window *ends*
 inside the step from the rows now in the cache, then attends. A query at ``p`` only reads rows/entries of
@@ -30,8 +31,9 @@ import torch
 from torch import nn
 
 from ..config import DSV4Config
-from ..model.attention import Attention
+from ..model.attention import history
 from ..model.compressor import CSA_RATIO
+from ..model.kv_store import Pair, Rows, Segment
 
 __all__ = ["RowLayout", "PagedKV", "StepInputs", "cache_geometry"]
 
@@ -59,6 +61,10 @@ class RowLayout:
         return self.head_dim + 2 * self.comp_width + 2 * self.index_width
 
     @property
+    def index_start(self) -> int:
+        return self.head_dim + 2 * self.comp_width
+
+    @property
     def compressed_width(self) -> int:     # entry | index key
         return self.head_dim + self.index_dim
 
@@ -66,20 +72,20 @@ class RowLayout:
 def cache_geometry(cfg: DSV4Config) -> tuple[int, int]:
     """``(row width W, sliding window in tokens)`` shared by every cache layer of this config.
 
-    One W for all layers (trunk and MTP) keeps page sizes equal; the window covers the attention window
-    and the rows a compressed entry is pooled from (2r for the overlapping CSA compressor, r otherwise).
+    One W for all layers (trunk and MTP) keeps page sizes equal; the window is a step's token plus the
+    positions before it that attention reads (``attention.history``: the attention window, the rows a
+    compressed entry is pooled from).
     """
     ratios = set(cfg.compress_ratios)
     width = max(max(RowLayout.of(cfg, r).window_width, RowLayout.of(cfg, r).compressed_width) for r in ratios)
-    need = [cfg.window_size] + [2 * r if r == CSA_RATIO else r for r in ratios if r > 0]
-    return width, max(need)
+    return width, 1 + max(history(cfg, r) for r in ratios)
 
 
 class StepInputs:
     """Per-forward inputs every layer of one model reads (set by the model's ``forward`` via :meth:`begin`).
 
     ``memo`` holds what every layer of the step would otherwise recompute from the same metadata: each
-    request's token range, the window rows' (block, offset) and mask, the compressed entries' slots. It is
+    request's token range, the (block, offset) of the rows and entries read, the masks. It is
     keyed by the metadata object (vLLM gives all layers of one KV-cache group the same one) and emptied at
     the start of every forward, so nothing outlives the step it was computed for.
     """
@@ -149,163 +155,132 @@ def _locate(cache: torch.Tensor, table: torch.Tensor, pos: torch.Tensor) -> tupl
 
 
 @dataclass(frozen=True)
-class _Span:
-    """One request's scheduled tokens: batch rows ``[a, b)`` at positions ``[s, e)``."""
+class _Step:
+    """What :meth:`PagedKV.begin` found for the step being computed (valid until the next ``begin``)."""
 
-    req: int
-    a: int
-    b: int
-    s: int
-    e: int
-
-
-@dataclass(frozen=True)
-class _WindowGeometry:
-    """Where a request's window keys live and which queries see them (the same for every layer)."""
-
-    blk: torch.Tensor
-    off: torch.Tensor
-    mask: torch.Tensor          # [1, S, n_keys]
-
-
-@dataclass(frozen=True)
-class _CompressedGeometry:
-    """Slots of a request's compressed entries for one ratio ``r`` (the same for every layer with that r)."""
-
-    lo: int                                         # first window row pooled (CSA overlaps one window back)
-    first: int                                      # first entry (re)computed this step
-    # ((block, offset) of the window rows pooled, (block, offset) the new entries go to); None: no entry ends here
-    new: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
-    all_slots: tuple[torch.Tensor, torch.Tensor]    # entries 0..e//r-1
-    visible: torch.Tensor                           # [1, S, e//r] completed-window visibility
+    mw: object                  # metadata of the window cache's KV-cache group
+    mc: object | None           # ... of the compressed cache's group (compressed layers)
+    dtype: torch.dtype          # the model's: latents and entries are read back in it
 
 
 class PagedKV(nn.Module):
-    """The :class:`~vllm_deepseek_v4.model.attention.ExternalKV` of one attention layer."""
+    """The :class:`~vllm_deepseek_v4.model.kv_store.KVStore` of one attention layer in vLLM's paged caches.
+
+    It stores and locates only (block tables, slots); what depends only on the step's metadata (token
+    spans, slots of a position range) is computed by the first layer that asks and shared with the others
+    through ``StepInputs.memo``, like the masks ``Attention`` asks it to keep (:meth:`memo`).
+    """
 
     def __init__(self, cfg: DSV4Config, ratio: int, prefix: str, step: StepInputs, block_size: int) -> None:
         super().__init__()
-        self.cfg, self.ratio, self.step = cfg, ratio, step
+        self.cfg, self.ratio, self.inputs = cfg, ratio, step
         self.layout = RowLayout.of(cfg, ratio)
         width, window = cache_geometry(cfg)
         layer = _cache_layer_cls()
-        self.window = layer(f"{prefix}.kv_window", "window", width, window, block_size)
-        self.compressed = layer(f"{prefix}.kv_compressed", "compressed", width, window, block_size) if ratio else None
+        self.row_cache = layer(f"{prefix}.kv_window", "window", width, window, block_size)
+        self.entry_cache = layer(f"{prefix}.kv_compressed", "compressed", width, window, block_size) if ratio else None
+        self._step: _Step | None = None
 
-    # ---- the ExternalKV protocol ----
-    def attend(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
-        """``x [1, T, D]`` (normed input of all scheduled tokens, requests back to back) -> ``[1, T, D]``."""
+    # ---- the KVStore interface ----
+    def begin(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, list[Segment]] | None:
+        """Positions and requests come from vLLM (``start`` is unused); ``None`` only without any metadata."""
         from vllm.forward_context import get_forward_context
 
         metadata = get_forward_context().attn_metadata
-        if not isinstance(metadata, dict) or self.window.layer_name not in metadata:
-            return x.new_zeros(x.shape)          # profiling / dummy run: no cache is bound to this batch
-        mw = metadata[self.window.layer_name]
-        mc = metadata[self.compressed.layer_name] if self.compressed is not None else None
-        T = mw.num_actual_tokens
-        assert self.step.positions is not None, "the model's forward sets the step positions"
-        pos = self.step.positions[:T].long()
-        xs = x[:, :T]
-        q, qr, kv = attn.project(xs, pos)
-        self._write_rows(attn, xs, kv, mw.slot_mapping[:T])
-        outs = [self._request(attn, sp, xs[:, sp.a:sp.b], q[:, sp.a:sp.b], qr[:, sp.a:sp.b], pos[sp.a:sp.b], mw, mc)
-                for sp in self.step.cached(("spans", id(mw)), lambda: self._spans(mw, pos))]
-        out = torch.cat(outs, dim=1) if outs else x.new_zeros(1, 0, x.shape[-1])
-        if x.shape[1] > T:                        # padded batch: the padding rows compute nothing
-            out = torch.cat((out, x.new_zeros(1, x.shape[1] - T, out.shape[-1])), dim=1)
-        return out
+        if not isinstance(metadata, dict):
+            return None                  # profiling / dummy run: no cache is bound to this batch
+        layers = [c.layer_name for c in (self.row_cache, self.entry_cache) if c is not None]
+        missing = [n for n in layers if n not in metadata]
+        if missing:                      # a real step that skipped this layer would attend to nothing
+            raise RuntimeError(f"{missing[0]}: no attention metadata for this cache layer in this step "
+                               f"(the step has metadata for {len(metadata)} other layers)")
+        mw = metadata[layers[0]]
+        self._step = _Step(mw, metadata[layers[1]] if len(layers) > 1 else None, x.dtype)
+        return self.inputs.cached(("step", id(mw)), lambda: self._positions(mw))
 
-    # ---- per-step geometry (computed by the first layer, reused by the others through ``step.memo``) ----
-    def _spans(self, mw: object, pos: torch.Tensor) -> list[_Span]:
-        starts = mw.query_start_loc.tolist()  # type: ignore[attr-defined]
-        plist = pos.tolist()
-        spans = []
+    def write(self, rows: Rows) -> None:
+        # one fp32 row per token: latent | compressor kv | gate | indexer kv | gate (``RowLayout``)
+        pairs = [p for p in (rows.comp, rows.index) if p is not None]
+        flat = torch.cat([rows.latent[0].float()] + [t[0] for p in pairs for t in p], dim=-1)
+        blk, off, valid = self.inputs.cached(("slots", id(self._meta.mw)), self._slots)
+        self.row_cache.kv_cache[blk, 0, off, : flat.shape[-1]] = flat[valid]
+
+    def window(self, seg: Segment, first: int) -> torch.Tensor:
+        blk, off = self._rows_at(seg, first, seg.e)
+        return self.row_cache.kv_cache[blk, 0, off, : self.layout.head_dim].to(self._meta.dtype)[None]
+
+    def pool_rows(self, seg: Segment, first: int, end: int) -> tuple[Pair, Pair | None]:
+        blk, off = self._rows_at(seg, first, end)
+        rows = self.row_cache.kv_cache[blk, 0, off][None]                        # [1, n, W]
+        lay = self.layout
+        c0, cw, i0, iw = lay.head_dim, lay.comp_width, lay.index_start, lay.index_width
+        index = (rows[..., i0:i0 + iw], rows[..., i0 + iw:i0 + 2 * iw]) if iw else None
+        return (rows[..., c0:c0 + cw], rows[..., c0 + cw:c0 + 2 * cw]), index
+
+    def write_entries(self, seg: Segment, first: int, new: list[torch.Tensor]) -> None:
+        blk, off = self._entries_at(seg, first, first + new[0].shape[1])
+        row = torch.cat([n[0].float() for n in new], dim=-1)                      # entry | index key
+        self._ccache()[blk, 0, off, : self.layout.compressed_width] = row
+
+    def entries(self, seg: Segment, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        blk, off = self._entries_at(seg, 0, n)
+        stored, lay, dtype = self._ccache()[blk, 0, off], self.layout, self._meta.dtype     # [n, W]
+        index_keys = stored[:, lay.head_dim: lay.compressed_width].to(dtype)[None] if lay.index_dim else None
+        return stored[:, : lay.head_dim].to(dtype)[None], index_keys
+
+    def memo(self, key: tuple, make: Callable[[], _T]) -> _T:
+        return self.inputs.cached((id(self._meta.mw), *key), make)
+
+    def release(self, seg: Segment, before: int) -> None:
+        """Nothing to do: vLLM frees the blocks that fall out of the sliding window (``cache_geometry``)."""
+
+    # ---- where things are (per step, shared by every layer through ``inputs.memo``) ----
+    @property
+    def _meta(self) -> _Step:
+        assert self._step is not None, "begin() first"
+        return self._step
+
+    def _ccache(self) -> torch.Tensor:
+        assert self.entry_cache is not None
+        return self.entry_cache.kv_cache
+
+    def _positions(self, mw: object) -> tuple[torch.Tensor, list[Segment]]:
+        T = mw.num_actual_tokens  # type: ignore[attr-defined]
+        assert self.inputs.positions is not None, "the model's forward sets the step positions"
+        pos = self.inputs.positions[:T].long()
+        starts, plist = mw.query_start_loc.tolist(), pos.tolist()  # type: ignore[attr-defined]
+        segments = []
         for i in range(mw.num_reqs):  # type: ignore[attr-defined]
             a, b = starts[i], starts[i + 1]
             if b <= a:
                 continue
             s = plist[a]
             if plist[b - 1] != s + (b - a) - 1:
-                raise ValueError(f"{self.window.layer_name}: request {i} has non-contiguous positions "
+                raise ValueError(f"{self.row_cache.layer_name}: request {i} has non-contiguous positions "
                                  f"{plist[a:b][:8]}...; each request's scheduled tokens must be consecutive")
-            spans.append(_Span(i, a, b, s, s + b - a))
-        return spans
+            segments.append(Segment(i, a, b, s, s + b - a))
+        return pos, segments
 
-    def _window_geometry(self, sp: _Span, qpos: torch.Tensor, table: torch.Tensor) -> _WindowGeometry:
-        w = self.cfg.window_size
-        kpos = torch.arange(max(0, sp.s - w + 1), sp.e, device=qpos.device)
-        blk, off = _locate(self.window.kv_cache, table, kpos)
-        diff = qpos[:, None] - kpos[None, :]
-        return _WindowGeometry(blk, off, ((diff >= 0) & (diff < w))[None])
-
-    def _compressed_geometry(self, attn: Attention, sp: _Span, qpos: torch.Tensor, wtable: torch.Tensor,
-                             ctable: torch.Tensor) -> _CompressedGeometry:
-        r = self.ratio
-        assert self.compressed is not None
-        wcache, ccache = self.window.kv_cache, self.compressed.kv_cache
-        dev = wcache.device
-        wa, wb = sp.s // r, sp.e // r
-        lo = max(wa - 1, 0) if r == CSA_RATIO else wa
-        new = None
-        if wb > wa:
-            new = (_locate(wcache, wtable, torch.arange(lo * r, wb * r, device=dev)),
-                   _locate(ccache, ctable, (torch.arange(wa, wb, device=dev) + 1) * r - 1))
-        n = sp.e // r
-        all_slots = _locate(ccache, ctable, (torch.arange(n, device=dev) + 1) * r - 1)
-        return _CompressedGeometry(lo, wa, new, all_slots, attn.entry_visibility(qpos, n)[None])
-
-    # ---- pieces ----
-    def _write_rows(self, attn: Attention, x: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor) -> None:
-        parts = [kv[0].float()]
-        if self.ratio > 0:
-            parts += list(attn.compressor.project(x))
-        if self.ratio == CSA_RATIO:
-            parts += list(attn.indexer.compressor.project(x))
-        rows = torch.cat([p[0] if p.dim() == 3 else p for p in parts], dim=-1)
-        cache = self.window.kv_cache
+    def _slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block, offset) of the step's tokens with a slot, and which tokens have one (-1: padding)."""
+        mw = self._meta.mw
+        slots = mw.slot_mapping[: mw.num_actual_tokens]  # type: ignore[attr-defined]
         valid = slots >= 0
         slots = slots[valid].long()
-        bs = cache.shape[2]
-        cache[slots // bs, 0, slots % bs, : rows.shape[-1]] = rows[valid]
+        bs = self.row_cache.kv_cache.shape[2]
+        return slots // bs, slots % bs, valid
 
-    def _request(self, attn: Attention, sp: _Span, x: torch.Tensor, q: torch.Tensor, qr: torch.Tensor,
-                 qpos: torch.Tensor, mw: object, mc: object) -> torch.Tensor:
-        r, lay = self.ratio, self.layout
-        wtable = mw.block_table[sp.req]  # type: ignore[attr-defined]
-        g = self.step.cached(("window", id(mw), sp.req), lambda: self._window_geometry(sp, qpos, wtable))
-        keys = self.window.kv_cache[g.blk, 0, g.off, : lay.head_dim].to(x.dtype)[None]   # [1, nk, d]
-        mask = g.mask
-        if r > 0:
-            ctable = mc.block_table[sp.req]  # type: ignore[attr-defined]
-            cg = self.step.cached(("compressed", id(mw), id(mc), sp.req, r),
-                                  lambda: self._compressed_geometry(attn, sp, qpos, wtable, ctable))
-            entries, index_keys = self._entries(attn, cg, x.dtype)
-            picked = cg.visible
-            if r == CSA_RATIO:
-                picked = picked & attn.indexer.select(x, qr, index_keys, qpos)
-            keys = torch.cat((keys, entries), dim=1)
-            mask = torch.cat((mask, picked), dim=-1)
-        return attn.attend(q, keys, mask, qpos)
+    def _rows_at(self, seg: Segment, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of the rows of positions ``first .. end - 1``."""
+        mw, cache = self._meta.mw, self.row_cache.kv_cache
+        table = mw.block_table  # type: ignore[attr-defined]
+        return self.inputs.cached(("rows", id(mw), seg.req, first, end), lambda: _locate(
+            cache, table[seg.req], torch.arange(first, end, device=cache.device)))
 
-    def _entries(self, attn: Attention, cg: _CompressedGeometry, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(Re)compute the entries whose window ends in this step, store them, return all entries so far."""
-        r, lay = self.ratio, self.layout
-        assert self.compressed is not None
-        wcache, ccache = self.window.kv_cache, self.compressed.kv_cache
-        if cg.new is not None:
-            (blk, off), (cblk, coff) = cg.new
-            rows = wcache[blk, 0, off][None]                                          # [1, n*r, W]
-            c0, cw = lay.head_dim, lay.comp_width
-            new = [attn.compressor.pool(rows[..., c0:c0 + cw], rows[..., c0 + cw:c0 + 2 * cw], cg.lo, cg.first,
-                                        dtype)]
-            if r == CSA_RATIO:
-                i0, iw = c0 + 2 * cw, lay.index_width
-                new.append(attn.indexer.compressor.pool(rows[..., i0:i0 + iw], rows[..., i0 + iw:i0 + 2 * iw],
-                                                        cg.lo, cg.first, dtype))
-            ccache[cblk, 0, coff, : lay.compressed_width] = torch.cat([n[0].float() for n in new], dim=-1)
-        cblk, coff = cg.all_slots
-        stored = ccache[cblk, 0, coff]                                                # [n, W]
-        entries = stored[:, : lay.head_dim].to(dtype)[None]
-        index_keys = stored[:, lay.head_dim: lay.compressed_width].to(dtype)[None] if r == CSA_RATIO else None
-        return entries, index_keys
+    def _entries_at(self, seg: Segment, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of entries ``first .. end - 1``: entry ``w`` is in the row of position
+        ``(w + 1) r - 1``, the last token of its window."""
+        mc, cache, r = self._meta.mc, self._ccache(), self.ratio
+        table = mc.block_table  # type: ignore[attr-defined]
+        return self.inputs.cached(("entries", id(mc), r, seg.req, first, end), lambda: _locate(
+            cache, table[seg.req], (torch.arange(first, end, device=cache.device) + 1) * r - 1))

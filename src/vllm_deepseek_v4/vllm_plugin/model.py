@@ -5,9 +5,10 @@
   the schemes detected for the trunk's own modules. vLLM's ``quant_config`` is never consulted: quantised
   linears keep their on-disk formats and compute through ``kernels.dispatch`` (dequantise in torch on CPU).
 - Forward: all scheduled tokens run as one ``[1, T]`` sequence through the portable blocks; each attention
-  layer delegates to its :class:`~.kv.PagedKV`, which splits the batch per request and keeps every state in
-  vLLM's caches. ``forward`` returns the collapsed ``[T, D]`` state for ``compute_logits``; the pre-``hc_head``
-  streams ``[T, hc_mult * D]`` are kept for the MTP proposer (``get_mtp_target_hidden_states``).
+  layer's KV store is its :class:`~.kv.PagedKV`, which locates the requests in the batch and keeps every
+  state in vLLM's caches (the attention math is the portable module's). ``forward`` returns the collapsed
+  ``[T, D]`` state for ``compute_logits``; the pre-``hc_head`` streams ``[T, hc_mult * D]`` are kept for the
+  MTP proposer (``get_mtp_target_hidden_states``).
 - ``load_weights`` routes vLLM's ``(name, tensor)`` stream through the plan and fails if anything is
   left unfilled or unexplained.
 """

@@ -1,0 +1,136 @@
+"""The two KV stores behind ``Attention.forward`` (``model/kv_store.py``, ``vllm_plugin/kv.py``).
+
+- In-process ``AttnCache``: keeps only the rows attention still reads (``attention.history``) and every
+  entry; refuses a step that does not continue where the last one ended.
+- Paged ``PagedKV`` driven directly with hand-made vLLM metadata (no engine): several requests back to back,
+  prefill, decode and chunks of different lengths in one step, scattered blocks and padding, give what the
+  in-process cache gives per request; no metadata at all (vLLM's profiling run) gives zeros; metadata that
+  lacks a layer raises naming it.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+
+from tiny import make_config, make_model
+from vllm_deepseek_v4.errors import DSV4Error
+from vllm_deepseek_v4.model import AttnCache, ModelState
+from vllm_deepseek_v4.model.attention import history
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return make_model(seed=0)
+
+
+# ---- in-process ----
+def test_in_process_cache_keeps_what_attention_reads_and_every_entry(model) -> None:
+    cfg, state = model.cfg, model.new_state()
+    ids = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(ids[:, :20], state)
+        for p in range(20, 37):
+            model(ids[:, p:p + 1], state)
+    for i, cache in enumerate(state.layers):
+        r = cfg.ratio(i)
+        assert (cache.start, cache.end) == (37 - history(cfg, r), 37)
+        assert cache.latent.shape[:2] == (2, history(cfg, r))
+        assert [t.shape[1] for t in cache.compressed] == ([37 // r] * (2 if r == 4 else 1) if r else [])
+
+
+def test_in_process_cache_refuses_a_step_out_of_order(model) -> None:
+    state = model.new_state()
+    with torch.no_grad():
+        model(torch.zeros(1, 5, dtype=torch.long), state)
+        state.pos = 3
+        with pytest.raises(DSV4Error, match=r"AttnCache: a step at position 3, but the cache holds positions up "
+                                            r"to 5\. feed tokens in order"):
+            model(torch.zeros(1, 1, dtype=torch.long), state)
+
+
+# ---- paged, with vLLM's forward context and hand-made metadata ----
+@pytest.fixture(scope="module")
+def paged(model) -> Any:
+    """A ``PagedKV`` per layer with bound caches: 12 blocks of 16 slots per cache layer."""
+    pytest.importorskip("vllm")
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from vllm_deepseek_v4.vllm_plugin.kv import PagedKV, StepInputs, cache_geometry
+
+    cfg, vc, inputs = model.cfg, VllmConfig(), StepInputs()
+    with set_current_vllm_config(vc):
+        kvs = [PagedKV(cfg, cfg.ratio(i), f"layers.{i}.attn", inputs, BLOCK) for i in range(cfg.n_layers)]
+    width = cache_geometry(cfg)[0]
+    for kv in kvs:
+        for layer in (kv.row_cache, kv.entry_cache):
+            if layer is not None:
+                layer.bind_kv_cache(torch.full((12, 1, BLOCK, width), float("nan")))   # unwritten: NaN
+    return vc, inputs, kvs
+
+
+@contextmanager
+def _step(vc: Any, metadata: dict | None) -> Any:
+    from vllm.forward_context import set_forward_context
+
+    with set_forward_context(metadata, vc), torch.no_grad():
+        yield
+
+
+def _run(model, paged, chunks: list[tuple[int, list[int], int]], tables: list[list[int]], pad: int = 0):
+    """One step: ``chunks`` = (request, token ids, first position) back to back -> logits ``[T, V]``."""
+    from vllm_deepseek_v4.vllm_plugin.backend import DSV4CacheMetadata
+
+    vc, inputs, kvs = paged
+    ids = [t for _, toks, _ in chunks for t in toks]
+    pos = [p0 + j for _, toks, p0 in chunks for j in range(len(toks))]
+    reqs = [req for req, toks, _ in chunks for _ in toks]
+    slots = [tables[r][p // BLOCK] * BLOCK + p % BLOCK for r, p in zip(reqs, pos)] + [-1] * pad
+    starts = [0]
+    for _, toks, _ in chunks:
+        starts.append(starts[-1] + len(toks))
+    table = torch.tensor([tables[req] for req, _, _ in chunks], dtype=torch.int32)
+    groups = {kind: DSV4CacheMetadata(len(chunks), len(ids), torch.tensor(starts), torch.tensor(slots), table)
+              for kind in ("window", "compressed")}             # one metadata object per KV-cache group
+    metadata = {kv.row_cache.layer_name: groups["window"] for kv in kvs}
+    metadata |= {kv.entry_cache.layer_name: groups["compressed"] for kv in kvs if kv.entry_cache is not None}
+    with _step(vc, metadata):
+        inputs.begin(torch.tensor(pos + [0] * pad))
+        X = model.streams(torch.tensor([ids + [0] * pad]), ModelState(list(kvs)))
+        return model.logits(model.head_input(X))[0, : len(ids)]
+
+
+def test_paged_store_computes_what_the_in_process_cache_computes(model, paged) -> None:
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (40, 33, 36)]
+    tables = [[3, 7, 1], [0, 9, 4], [11, 2, 5]]                 # scattered blocks per request
+    # (request, first, end): two prefills (+ padding); a decode, a chunk and a prefill; then mixed steps
+    schedule = [[(0, 0, 17), (1, 0, 13)], [(0, 17, 18), (1, 13, 20), (2, 0, 30)], [(1, 20, 21), (0, 18, 27)]]
+    schedule += [[(r, p, p + 1) for r, p in ((0, 27 + i), (1, 21 + i), (2, 30 + i)) if p < len(seqs[r])]
+                 for i in range(13)]
+    with torch.no_grad():
+        want = [model(torch.tensor([s]))[0][0] for s in seqs]
+    for step, work in enumerate(schedule):
+        chunks = [(r, seqs[r][a:b], a) for r, a, b in work]
+        got = _run(model, paged, chunks, tables, pad=3 if step == 0 else 0)
+        row = 0
+        for r, toks, a in chunks:
+            torch.testing.assert_close(got[row:row + len(toks)], want[r][a:a + len(toks)], rtol=0, atol=1e-4)
+            row += len(toks)
+
+
+def test_paged_store_gives_zeros_without_metadata_and_raises_for_a_missing_layer(model, paged) -> None:
+    vc, inputs, kvs = paged
+    attn, x = model.layers[1].attn, torch.randn(1, 4, model.cfg.dim)
+    with _step(vc, None):                                       # vLLM's profiling / dummy runs
+        inputs.begin(torch.arange(4))
+        assert torch.equal(attn(x, 0, kvs[1]), torch.zeros_like(x))
+    others = {kv.row_cache.layer_name: object() for kv in kvs if kv is not kvs[1]}
+    with _step(vc, others), pytest.raises(RuntimeError, match=r"^layers\.1\.attn\.kv_window: no attention "
+                                                                r"metadata for this cache layer in this step"):
+        inputs.begin(torch.arange(4))
+        attn(x, 0, kvs[1])
