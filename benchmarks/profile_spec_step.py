@@ -34,7 +34,7 @@ TIMED = [
     ("vllm_deepseek_v4.vllm_plugin.mtp", "DSV4MTPDraft.forward", "    MTP block forward (ours)"),
     ("vllm_deepseek_v4.vllm_plugin.mtp", "DSV4MTPDraft.compute_logits", "    MTP logits (ours)"),
     # Pieces of every block, target and MTP together (they sit under both forwards above).
-    ("vllm_deepseek_v4.vllm_plugin.kv", "PagedKV.attend", "paged attention, all blocks incl. MTP"),
+    ("vllm_deepseek_v4.model.attention", "Attention.forward", "attention, all blocks incl. MTP"),
     ("vllm_deepseek_v4.model.moe", "MoE.forward", "MoE, all blocks incl. MTP"),
     ("vllm_deepseek_v4.model.hyper", "hc_pre", "hc_pre incl. Sinkhorn, all sites"),
     ("vllm_deepseek_v4.model.hyper", "hc_post", "hc_post, all sites"),

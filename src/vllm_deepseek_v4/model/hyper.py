@@ -1,6 +1,6 @@
 """Manifold-constrained hyper-connections (mHC): N residual streams mixed around each sub-layer.
 
-Arch doc section 4 (``hc_pre``, Sinkhorn, ``hc_post``) and section 9 (``hc_head``). The state of one token
+``docs/dsv4-architecture.md`` §4 (``hc_pre``, Sinkhorn, ``hc_post``) and §9 (``hc_head``). The state of one token
 is ``X [N, D]`` (N = ``hc_mult`` = 4); here always batched as ``X [B, S, N, D]``. All mixing runs in fp32.
 """
 from __future__ import annotations
