@@ -70,3 +70,29 @@ def test_exit_codes_for_usage_and_missing_path(tmp_path):
     assert run("verify").returncode == 2
     r = run("verify", str(tmp_path / "nope"))
     assert r.returncode == 3 and "no such artifact" in r.stderr
+
+
+def test_each_kind_of_problem_keeps_its_line_and_json_shape(tmp_path, capsys):
+    """Errors name file, tensor and reason; unmapped tensors and missing parameters say so; verify lists errors,
+    then unmapped, then missing."""
+    from vllm_deepseek_v4.checkpoint import scan_checkpoint
+
+    def damage(t):
+        t["layers.0.attn.mystery.weight"] = torch.zeros(2)
+        del t["layers.2.attn.compressor.wgate.weight"]
+        t["layers.1.attn.attn_sink"] = torch.zeros(5)
+    d = make_checkpoint(tmp_path, edit=damage)
+    ck = scan_checkpoint(d)
+    mystery, sink = ck["layers.0.attn.mystery.weight"].file, ck["layers.1.attn.attn_sink"].file
+    error = f"{sink}: layers.1.attn.attn_sink: expected shape [4] for layers.1.attn.attn_sink, found [5]"
+    assert main(["verify", str(d)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        error, f"{mystery}: layers.0.attn.mystery.weight: unmapped: matches no naming rule",
+        "layers.2.attn.compressor.wgate.weight: missing: not found under any known spelling"]
+    assert main(["inspect", str(d), "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["errors"] == [error]
+    assert rep["unmapped"] == [{"name": "layers.0.attn.mystery.weight", "file": mystery, "reason": "matches no naming rule"}]
+    assert rep["missing"] == [{"param": "layers.2.attn.compressor.wgate.weight",
+                               "reason": "not found under any known spelling"}]
+    assert rep["mtp"]["complete"]                      # none of them is about the MTP block

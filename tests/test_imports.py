@@ -1,4 +1,4 @@
-"""Package structure: no import cycle between our modules, no oversized module.
+"""Package structure: no import cycle between our modules, no oversized module, a torch-free planner.
 
 The graph is built from the source text (``ast``), so it also counts imports that run late or never:
 function-level imports and ``if TYPE_CHECKING:`` imports are edges too. A cycle hidden behind either still
@@ -7,6 +7,7 @@ means two modules each need the other to be understood, which is the thing this 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,16 +38,30 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _parsed(module: str) -> ast.Module:
+    path = MODULES[module]
+    return ast.parse(path.read_text(encoding="utf-8"), str(path))
+
+
+def external_imports(module: str) -> set[str]:
+    """Top-level names of the other distributions and stdlib modules ``module`` imports anywhere."""
+    out = set()
+    for node in ast.walk(_parsed(module)):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.add((node.module or "").split(".")[0])
+    return out - {PACKAGE, "__future__"}
+
+
 def imports_of(module: str) -> set[str]:
     """Our modules that ``module`` imports anywhere in its text (top level, functions, TYPE_CHECKING)."""
-    path = MODULES[module]
-    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     out: set[str] = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(_parsed(module)):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            target = _absolute(module, path.name == "__init__.py", node)
+            target = _absolute(module, MODULES[module].name == "__init__.py", node)
             # ``from pkg import sub`` imports the submodule ``pkg.sub`` when there is one, else a name of ``pkg``
             names = [f"{target}.{a.name}" if f"{target}.{a.name}" in MODULES else target for a in node.names]
         else:
@@ -87,6 +102,7 @@ def test_the_graph_sees_every_kind_of_import():
     assert f"{PACKAGE}.loader.plan" in graph[f"{PACKAGE}.cli.inspect_cmd"]          # function-level
     assert f"{PACKAGE}.loader.plan" in graph[f"{PACKAGE}.loader.stream"]            # TYPE_CHECKING
     assert f"{PACKAGE}.errors" in graph[f"{PACKAGE}.checkpoint.format"]             # absolute
+    assert "torch" in external_imports(f"{PACKAGE}.loader.stream")                   # in a function
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -95,6 +111,23 @@ def test_no_import_cycle_between_package_modules():
     graph = {m: imports_of(m) for m in MODULES}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_planner_needs_only_the_standard_library():
+    """``dsv4 inspect``/``verify`` plan without torch: everything the load plan imports, at any depth and in any
+    function (and the packages that hold those modules), is ours or the standard library."""
+    graph = {m: imports_of(m) for m in MODULES}
+    seen, todo = set(), [f"{PACKAGE}.loader.plan"]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parents = [module.rsplit(".", k)[0] for k in range(1, module.count(".") + 1)]
+        todo += sorted(graph[module]) + [p for p in parents if p in MODULES]
+    assert f"{PACKAGE}.naming.resolver" in seen and f"{PACKAGE}.checkpoint.scan" in seen
+    outside = {m: sorted(external_imports(m) - set(sys.stdlib_module_names)) for m in sorted(seen)}
+    assert {m: ext for m, ext in outside.items() if ext} == {}
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
