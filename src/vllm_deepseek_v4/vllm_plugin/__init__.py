@@ -9,13 +9,23 @@ broken rejection-sampler ``expand`` (``cpu_fixes``: temperature > 0 speculation 
 """
 from __future__ import annotations
 
-__all__ = ["register", "TARGET_ARCH", "DRAFT_ARCH"]
+import logging
+
+__all__ = ["register", "TARGET_ARCH", "DRAFT_ARCH", "classes_for"]
 
 TARGET_ARCH = "DeepseekV4ForCausalLM"
 DRAFT_ARCH = "DeepSeekV4MTPModel"     # what vLLM's SpeculativeConfig names the method=mtp draft of deepseek_v4
 _CLASSES = {TARGET_ARCH: "vllm_deepseek_v4.vllm_plugin.model:DSV4ForCausalLM",
             DRAFT_ARCH: "vllm_deepseek_v4.vllm_plugin.mtp:DSV4MTPDraft"}
+_NATIVE = {TARGET_ARCH: "vllm_deepseek_v4.vllm_plugin.native_classes:NativeDeepseekV4ForCausalLM",
+           DRAFT_ARCH: "vllm_deepseek_v4.vllm_plugin.native_classes:NativeDeepSeekV4MTP"}
 _registered = False
+logger = logging.getLogger("vllm.plugins.vllm_deepseek_v4")   # under vLLM's handler
+
+
+def classes_for(engine: str) -> dict[str, str]:
+    """Architecture -> lazy ``module:Class`` for ``engine`` (``native`` | ``portable``, see ``engine.py``)."""
+    return dict(_NATIVE if engine == "native" else _CLASSES)
 
 
 def register() -> None:
@@ -25,11 +35,16 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
-    for arch, target in _CLASSES.items():
-        ModelRegistry.register_model(arch, target)
-    from .quant import register_quant_config
+    from .engine import choose_engine
 
-    register_quant_config()
+    engine, why = choose_engine()
+    logger.info("vllm-deepseek-v4: DeepSeek-V4 served by the %s engine: %s", engine, why)
+    for arch, target in classes_for(engine).items():
+        ModelRegistry.register_model(arch, target)
+    if engine == "portable":          # native: vLLM's own quant configs build vLLM's own methods
+        from .quant import register_quant_config
+
+        register_quant_config()
     from .cpu_fixes import patch_cpu_expand
 
     patch_cpu_expand()
