@@ -53,3 +53,10 @@ def test_missing_required_field_names_it(tmp_path):
 def test_ratio_list_too_short_is_refused():
     with pytest.raises(ConfigError, match="compress_ratios: expected >= 3 entries, found 2"):
         DSV4Config.from_dict(make_config(compress_ratios=[0, 4]))
+
+
+def test_without_mtp_drops_the_mtp_layers_and_their_ratios():
+    c = DSV4Config.from_dict(make_config(num_nextn_predict_layers=1, compress_ratios=[0, 4, 128, 4]))
+    main = c.without_mtp()
+    assert main.n_mtp_layers == 0 and main.compress_ratios == (0, 4, 128)
+    assert main.replace(n_mtp_layers=1, compress_ratios=c.compress_ratios) == c

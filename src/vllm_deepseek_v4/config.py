@@ -1,6 +1,6 @@
 """One DSv4 config record, read from either field-name dialect.
 
-Dialects (``docs/dsv4-architecture.md`` section 1): the published HF-style ``config.json``
+Dialects (``docs/dsv4-architecture.md §1``): the published HF-style ``config.json``
 (``hidden_size``, ``compress_ratios``, ``rope_scaling``), its transformers 5.x rewrite (``layer_types``,
 ``compress_rates``, ``mlp_layer_types``, ``rope_parameters``) and the official ``inference/config.json``
 (ModelArgs names: ``dim``, ``n_layers``, ``rope_factor``...). Every dialect lands in :class:`DSV4Config`,
@@ -90,11 +90,6 @@ class DSV4Config:
                               found=self.rope_head_dim)
 
     # ---- derived ----
-    @property
-    def mtp_layer_ids(self) -> range:
-        """Global layer index of each MTP layer (``L + k``), as vLLM numbers them."""
-        return range(self.n_layers, self.n_layers + self.n_mtp_layers)
-
     def ratio(self, layer: int) -> int:
         """Compress ratio of a main layer (0..L-1) or an MTP layer (L..L+K-1)."""
         return self.compress_ratios[layer]
@@ -102,10 +97,6 @@ class DSV4Config:
     def is_hash_layer(self, layer: int) -> bool:
         """Hash-routed (``tid2eid``) layers are the first ``n_hash_layers`` main layers; never MTP."""
         return layer < min(self.n_hash_layers, self.n_layers)
-
-    @property
-    def nope_head_dim(self) -> int:
-        return self.head_dim - self.rope_head_dim
 
     # ---- construction ----
     @classmethod
@@ -183,6 +174,11 @@ class DSV4Config:
         vals.update(changes)
         return DSV4Config(**vals)
 
+    def without_mtp(self) -> DSV4Config:
+        """The main model alone: no MTP layers, and ``compress_ratios`` cut to the main layers (a model built
+        from it has no ``mtp`` blocks; what a main-only load or the vLLM target model builds)."""
+        return self.replace(n_mtp_layers=0, compress_ratios=self.compress_ratios[: self.n_layers])
+
 
 def load_config(path: str) -> DSV4Config:
     """Read ``config.json`` from an artifact directory (or a path to the json itself)."""
@@ -218,7 +214,8 @@ def _ratios(d: dict[str, Any], L: int, n_mtp: int) -> tuple[int, ...]:
         r = [int(x) for x in d["compress_ratios"]]
         if len(r) < L:
             raise ConfigError("compress_ratios", expected=f">= {L} entries", found=len(r))
-        # MTP layers: take the published trailing entries; a missing one is sliding (arch doc 1.2).
+        # MTP layers: take the published trailing entries; a missing one is sliding
+        # (``docs/dsv4-architecture.md §1.2``).
         mtp = [r[L + k] if L + k < len(r) else 0 for k in range(n_mtp)]
         return tuple(r[:L] + mtp)
     if d.get("layer_types") is not None:
@@ -230,7 +227,8 @@ def _ratios(d: dict[str, Any], L: int, n_mtp: int) -> tuple[int, ...]:
         unknown = sorted({t for t in types if t not in rates})
         if unknown or len(types) != L:
             raise ConfigError("layer_types", expected=f"{L} known layer types", found=unknown or len(types))
-        # transformers truncates to L and loses the MTP entry: the MTP layer is sliding + moe (arch doc 1.4).
+        # transformers truncates to L and loses the MTP entry: the MTP layer is sliding + moe
+        # (``docs/dsv4-architecture.md §1.4``).
         return tuple(int(rates[t]) for t in types) + (0,) * n_mtp
     raise ConfigError("compress_ratios", expected="compress_ratios or layer_types", found="neither")
 

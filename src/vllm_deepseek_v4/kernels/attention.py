@@ -1,4 +1,4 @@
-"""Single-latent attention with a per-head sink (torch reference), arch doc section 5.2.
+"""Single-latent attention with a per-head sink (torch reference), ``docs/dsv4-architecture.md §5.2``.
 
 DSv4 attention has one 512-wide latent per key that is both K and V, and a learned per-head ``attn_sink``
 logit that only enlarges the softmax denominator (it has no value vector). The key set of each query

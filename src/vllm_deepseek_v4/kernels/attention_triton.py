@@ -1,4 +1,5 @@
-"""Sink attention in Triton: one shared K=V latent per key, many query heads, a per-head sink (arch doc 5.2).
+"""Sink attention in Triton: one shared K=V latent per key, many query heads, a per-head sink
+(``docs/dsv4-architecture.md §5.2``).
 
 Same numbers as :func:`kernels.attention.sink_attention_ref`, for decode (``S = 1``) and multi-token verify
 (``S = k + 1`` queries per sequence, each with its own key set). A query's keys come either as a boolean mask

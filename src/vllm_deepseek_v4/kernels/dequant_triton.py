@@ -1,7 +1,7 @@
 """Triton device functions that multiply activations with on-disk weight tiles, dequantised in registers.
 
 Imported only by the Triton kernel modules (this module imports ``triton``). Formats and their decode
-(``quant/`` holds the torch versions these must match, ``checkpoint-formats.md`` section 6):
+(``quant/`` holds the torch versions these must match, ``docs/checkpoint-formats.md §6``):
 
 - ``FMT_DENSE`` (scheme bf16; any float weight): a cast;
 - ``FMT_FP8``: e4m3 times the ``[out/128, in/128]`` block multiplier (e8m0 bytes, f32 or bf16);
@@ -207,7 +207,7 @@ def expert_ptrs(W, W_OFF, S, S_OFF, G, G_OFF, slot, FMT: tl.constexpr, ALIGN: tl
 
 @triton.jit
 def swiglu(g, u, route_w, limit, HAS_LIMIT: tl.constexpr):
-    """``route_w * silu(min(g, limit)) * clamp(u, -limit, limit)`` in fp32 (arch doc section 8)."""
+    """``route_w * silu(min(g, limit)) * clamp(u, -limit, limit)`` in fp32 (``docs/dsv4-architecture.md §8``)."""
     if HAS_LIMIT:
         g = tl.minimum(g, limit)
         u = tl.minimum(tl.maximum(u, -limit), limit)

@@ -42,7 +42,7 @@ def linear_ref(x: torch.Tensor, module: QuantWeight) -> torch.Tensor:
 def grouped_linear_ref(x: torch.Tensor, module: QuantWeight, groups: int) -> torch.Tensor:
     """Block-diagonal linear: ``x [..., G, in]`` times ``W`` viewed as ``[G, out/G, in]`` -> ``[..., G, out/G]``.
 
-    Used by the attention output ``wo_a`` (``[G*o_lora, H*d/G]``, arch doc section 5.2): group ``g`` of
+    Used by the attention output ``wo_a`` (``[G*o_lora, H*d/G]``, ``docs/dsv4-architecture.md §5.2``): group ``g`` of
     heads only meets rows ``g*o_lora .. (g+1)*o_lora`` of the weight.
     """
     w = dequantized_weight(module, x.dtype).view(groups, module.out_features // groups, module.in_features)

@@ -1,4 +1,5 @@
-"""Routed experts: clamped SwiGLU per expert, weighted sum over the picks (torch reference), arch doc section 8."""
+"""Routed experts: clamped SwiGLU per expert, weighted sum over the picks (torch reference),
+``docs/dsv4-architecture.md §8``."""
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -9,8 +9,9 @@ kernel streams both from one base. A stacked ``[E, out, in]`` layout (vLLM's) fi
 
 Tables are cached per expert container (an ``nn.ModuleList`` or an ``Expert``) and hold strong references to
 every tensor they point at, so a stale table can never read freed memory. They are rebuilt when the container's
-length, device or the storage of its first or last expert changes (``.to()``, reloading); a loader that replaces
-a single middle expert's tensor must call :func:`forget` (in-place ``copy_`` needs nothing).
+length, device or the storage of its first or last expert changes (``.to()``, reloading). Loaders replace
+expert tensors before the first forward (or copy into them in place), so no table needs dropping by hand;
+replacing one middle expert's tensor after a forward would not be noticed.
 
 **Tokens.** The prefill/verify path sorts the ``T * k`` (token, slot) pairs by expert and pads each expert's
 run to a multiple of ``block_m`` (:func:`align_pairs`), so one program multiplies one expert tile with up to
@@ -26,16 +27,17 @@ from typing import Any
 import torch
 
 from ..errors import KernelUnsupportedError
+from ..quant import SCHEMES, cdiv
 
-__all__ = ["FORMATS", "ProjTable", "ExpertTables", "expert_tables", "forget", "align_pairs", "unsupported_experts"]
+__all__ = ["FORMATS", "ProjTable", "ExpertTables", "expert_tables", "align_pairs", "unsupported_experts"]
 
 # scheme -> kernel format code (the ``FMT`` constexpr); w4a16 has no kernel yet.
 FORMATS = {"bf16": 0, "fp8_block": 1, "mxfp4": 2, "nvfp4": 3}
 # scale kinds (the ``SKIND`` constexpr)
 SK_NONE, SK_E8M0, SK_F32, SK_BF16, SK_NV_DIV, SK_NV_MUL = range(6)
-_FP8_SCALE_KIND = {torch.float8_e8m0fnu: SK_E8M0, torch.float32: SK_F32, torch.bfloat16: SK_BF16}
-# scheme -> size of the group one scale covers along ``in`` (fp8: the 128x128 block edge)
-_GROUP = {"bf16": 0, "fp8_block": 128, "mxfp4": 32, "nvfp4": 16}
+# fp8 scales are read by their dtype (the record's "dtype" encoding); the kernels decode these three
+_BY_DTYPE = {torch.float8_e8m0fnu: SK_E8M0, torch.float32: SK_F32, torch.bfloat16: SK_BF16}
+_NV_KIND = {"divide": SK_NV_DIV, "multiply": SK_NV_MUL}
 _ALIGN = 16  # element offsets divisible by this let the kernel promise aligned (vectorised) weight loads
 
 
@@ -86,23 +88,24 @@ def unsupported_experts(experts: Sequence[Any]) -> str | None:
 
 
 def _kinds(scheme: str, parts: dict[str, torch.Tensor], name: str) -> tuple[int, str | None, str | None]:
-    """(scale kind, scale role, global role) of one module's parts."""
-    if scheme == "bf16":
+    """(scale kind, scale role, global role) of one module's parts, from its scheme's scale encoding."""
+    record = SCHEMES[scheme]
+    srole = record.scale
+    if srole is None:
         return SK_NONE, None, None
-    if scheme == "fp8_block":
-        dt = parts["scale"].dtype
-        if dt not in _FP8_SCALE_KIND:
-            raise KernelUnsupportedError(tensor=f"{name}.scale", expected="float8_e8m0fnu | float32 | bfloat16",
-                                         found=dt)
-        return _FP8_SCALE_KIND[dt], "scale", None
-    if scheme == "mxfp4":
-        return SK_E8M0, "scale", None
-    if "weight_global_scale" in parts:
-        return SK_NV_DIV, "weight_scale", "weight_global_scale"
-    if "weight_scale_2" in parts:
-        return SK_NV_MUL, "weight_scale", "weight_scale_2"
-    raise KernelUnsupportedError(tensor=f"{name}.weight_global_scale", expected="weight_global_scale or weight_scale_2",
-                                 found=sorted(parts))
+    if record.scale_encoding == "dtype":
+        dt = parts[srole].dtype
+        if dt not in _BY_DTYPE:
+            kernel_dtypes = " | ".join(str(d).removeprefix("torch.") for d in _BY_DTYPE)
+            raise KernelUnsupportedError(tensor=f"{name}.{srole}", expected=kernel_dtypes, found=dt)
+        return _BY_DTYPE[dt], srole, None
+    if record.scale_encoding == "e8m0":
+        return SK_E8M0, srole, None
+    for grole, op in record.globals:
+        if grole in parts:
+            return _NV_KIND[op], srole, grole
+    raise KernelUnsupportedError(tensor=f"{name}.{record.globals[0][0]}",
+                                 expected=" or ".join(g for g, _ in record.globals), found=sorted(parts))
 
 
 def _as_kernel_view(t: torch.Tensor) -> torch.Tensor:
@@ -149,7 +152,7 @@ def _proj(mods: list[Any], name: str, device: torch.device) -> tuple[ProjTable, 
                 raise KernelUnsupportedError(tensor=f"{name} of expert slot {i}", expected=f"weights on {device}",
                                              found=str(t.device), hint="move the model to the activations' device")
     weights = [_as_kernel_view(p["weight"]) for p in parts]
-    if scheme in ("mxfp4", "nvfp4"):   # the kernels read fp4 codes as 32-bit words of 8
+    if SCHEMES[scheme].pack == 2:   # fp4: the kernels read the codes as 32-bit words of 8
         if weights[0].shape[-1] % 4 or weights[0].stride(-1) != 1:
             raise KernelUnsupportedError(tensor=f"{name}.weight", expected="rows of whole 32-bit words (in % 8 == 0)",
                                          found=list(weights[0].shape))
@@ -177,7 +180,9 @@ def _proj(mods: list[Any], name: str, device: torch.device) -> tuple[ProjTable, 
                                          found=f"{globs[0].dtype} {list(globs[0].shape)}")
         glob, g_off = globs[0], _offsets(globs, f"{name}.{grole}")
         keep += globs
-    table = ProjTable(scheme, FORMATS[scheme], skind, _GROUP[scheme], first.out_features, first.in_features,
+    record = SCHEMES[scheme]
+    group = record.block_in if record.scale is not None else 0     # fp8: the (square) block edge
+    table = ProjTable(scheme, FORMATS[scheme], skind, group, first.out_features, first.in_features,
                       weights[0], w_off.to(device), stride, align, scale, s_off.to(device), s_stride,
                       glob, g_off.to(device))
     return table, keep
@@ -222,11 +227,6 @@ def expert_tables(experts: Sequence[Any], device: torch.device, *, key: Any = No
     return tables
 
 
-def forget(experts: Any) -> None:
-    """Drop the cached tables of ``experts`` (after replacing one expert's tensors)."""
-    _CACHE.pop(id(experts), None)
-
-
 def align_pairs(indices: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort the flattened (token, slot) pairs of ``indices [T, k]`` by expert, each run padded to ``block_m``.
 
@@ -244,7 +244,7 @@ def align_pairs(indices: torch.Tensor, n_experts: int, block_m: int) -> tuple[to
     order = torch.argsort(flat, stable=True)
     sorted_e = flat[order]
     rank = torch.arange(P, device=dev) - (counts.cumsum(0) - counts)[sorted_e]
-    n_blocks = -(-(P + min(n_experts, P) * (block_m - 1)) // block_m)
+    n_blocks = cdiv(P + min(n_experts, P) * (block_m - 1), block_m)
     sorted_pairs = torch.full((n_blocks * block_m,), P, dtype=torch.int32, device=dev)
     sorted_pairs[starts[sorted_e] + rank] = order.to(torch.int32)
     first = torch.arange(n_blocks, device=dev) * block_m

@@ -1,4 +1,4 @@
-"""Fused MoE in Triton: clamped SwiGLU experts over weights in their on-disk format (arch doc section 8).
+"""Fused MoE in Triton: clamped SwiGLU experts over weights in their on-disk format (``docs/dsv4-architecture.md §8``).
 
 ``fused_moe`` computes what :func:`kernels.moe.moe_ref` computes, in two launches, reading every weight byte
 of a touched expert once per launch and dequantising it in registers (``dequant_triton.wtile``):

@@ -2,7 +2,7 @@
 
 Linear modules are named by module path (``layers.0.attn.wq_a``) and filled by the roles of whatever quant
 scheme is on disk; plain tensors (norms, hc mixers, sinks, biases, tables) are named in full. Shapes follow
-``docs/dsv4-architecture.md`` (sections 4-10) and the published Flash inventory.
+``docs/dsv4-architecture.md §4-10`` and the published Flash inventory.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from itertools import cycle, repeat
 from typing import NamedTuple
 
 from ..config import DSV4Config
+from ..quant.groups import group_of
 
-__all__ = ["ParamSpec", "expected_params", "GROUP_OF", "LINEAR", "FLOAT", "INDEX"]
+__all__ = ["ParamSpec", "expected_params", "LINEAR", "FLOAT", "INDEX"]
 
 LINEAR, FLOAT, INDEX = "linear", "float", "index"
 
@@ -40,19 +41,6 @@ class _Experts(NamedTuple):
     names: tuple[str, ...]
     shapes: tuple[tuple[int, int], ...]
 
-# Quant groups of linear modules, keyed by the module path below the block prefix (issue 2, item 4).
-GROUP_OF = {
-    "attn.wq_a": "attn", "attn.wq_b": "attn", "attn.wkv": "attn", "attn.wo_a": "attn", "attn.wo_b": "attn",
-    "attn.compressor.wkv": "compressor", "attn.compressor.wgate": "compressor",
-    "attn.indexer.compressor.wkv": "compressor", "attn.indexer.compressor.wgate": "compressor",
-    "attn.indexer.wq_b": "indexer",
-    # scoring projections: unquantized in every known artifact, reported apart so `indexer` stays meaningful
-    "attn.indexer.weights_proj": "router", "ffn.gate": "router",
-    "ffn.shared_experts.w1": "shared_experts", "ffn.shared_experts.w2": "shared_experts",
-    "ffn.shared_experts.w3": "shared_experts",
-    "e_proj": "e_proj", "h_proj": "h_proj",
-}
-
 
 def _block(p: str, cfg: DSV4Config, layer: int, part: str, experts: _Experts) -> list[ParamSpec]:
     D, H, d, q = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.q_lora_rank
@@ -60,8 +48,8 @@ def _block(p: str, cfg: DSV4Config, layer: int, part: str, experts: _Experts) ->
     I, E, Ish = cfg.moe_inter_dim, cfg.n_routed_experts, cfg.moe_inter_dim * cfg.n_shared_experts
     out: list[ParamSpec] = []
 
-    def lin(name: str, o: int, i: int, group: str | None = None) -> None:
-        out.append(ParamSpec(p + name, (o, i), LINEAR, group or GROUP_OF[name], part))
+    def lin(name: str, o: int, i: int) -> None:
+        out.append(ParamSpec(p + name, (o, i), LINEAR, group_of(name), part))
 
     def flt(name: str, *shape: int) -> None:
         out.append(ParamSpec(p + name, tuple(shape), FLOAT, "other", part))
@@ -73,11 +61,11 @@ def _block(p: str, cfg: DSV4Config, layer: int, part: str, experts: _Experts) ->
     lin("attn.wo_a", G * cfg.o_lora_rank, H * d // G)
     lin("attn.wo_b", D, G * cfg.o_lora_rank)
     if r > 0:
-        c = 2 if r == 4 else 1                      # overlap mode for ratio 4 (arch doc section 6)
+        c = 2 if r == 4 else 1                      # overlap mode for ratio 4 (``docs/dsv4-architecture.md §6``)
         flt("attn.compressor.ape", r, c * d)
         lin("attn.compressor.wkv", c * d, D); lin("attn.compressor.wgate", c * d, D)
         flt("attn.compressor.norm.weight", d)
-    if r == 4:                                      # CSA layers carry the indexer (arch doc section 7)
+    if r == 4:                                      # CSA layers carry the indexer (``docs/dsv4-architecture.md §7``)
         IH, ID = cfg.index_n_heads, cfg.index_head_dim
         lin("attn.indexer.wq_b", IH * ID, q)
         lin("attn.indexer.weights_proj", IH, D)
@@ -94,7 +82,7 @@ def _block(p: str, cfg: DSV4Config, layer: int, part: str, experts: _Experts) ->
         flt("ffn.gate.bias", E)
     # routed experts, w1 w3 w2 per expert: 256 x 3 per layer, so built in one C-level pass
     names = map(p.__add__, experts.names)
-    out += map(_spec, zip(names, cycle(experts.shapes), repeat(LINEAR), repeat("experts"), repeat(part)))
+    out += map(_spec, zip(names, cycle(experts.shapes), repeat(LINEAR), repeat(group_of("ffn.experts")), repeat(part)))
     lin("ffn.shared_experts.w1", Ish, D); lin("ffn.shared_experts.w3", Ish, D); lin("ffn.shared_experts.w2", D, Ish)
     return out
 
@@ -110,7 +98,7 @@ def expected_params(cfg: DSV4Config, *, include_mtp: bool = True) -> list[ParamS
     """Every parameter of the main model (and of each MTP layer unless ``include_mtp`` is false)."""
     V, D = cfg.vocab_size, cfg.dim
     out = [ParamSpec("embed.weight", (V, D), FLOAT, "embed", "main"),
-           ParamSpec("head", (V, D), LINEAR, "head", "main"),
+           ParamSpec("head", (V, D), LINEAR, group_of("head"), "main"),
            ParamSpec("norm.weight", (D,), FLOAT, "other", "main")]
     out += _hc_head("", cfg, "main")
     I = cfg.moe_inter_dim
@@ -122,8 +110,7 @@ def expected_params(cfg: DSV4Config, *, include_mtp: bool = True) -> list[ParamS
         for k in range(cfg.n_mtp_layers):
             p, part = f"mtp.{k}.", f"mtp.{k}"
             out += _block(p, cfg, cfg.n_layers + k, part, experts)
-            out += [ParamSpec(p + "e_proj", (D, D), LINEAR, "e_proj", part),
-                    ParamSpec(p + "h_proj", (D, D), LINEAR, "h_proj", part)]
+            out += [ParamSpec(p + m, (D, D), LINEAR, group_of(m), part) for m in ("e_proj", "h_proj")]
             out += [ParamSpec(p + n, (D,), FLOAT, "other", part) for n in ("enorm.weight", "hnorm.weight", "norm.weight")]
             out += _hc_head(p, cfg, part)
     return out

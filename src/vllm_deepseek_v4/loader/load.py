@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import MissingTensorError, QuantMismatchError
-from ..quant import OPTIONAL_ROLES, REQUIRED_ROLES
+from ..quant import SCHEMES
 from .plan import LoadPlan, build_plan
 from .stream import iter_plan_tensors
 
@@ -45,7 +45,7 @@ def load_model(path: str, *, dtype: "torch.dtype | None" = None, include_mtp: bo
     dtype = dtype or torch.bfloat16
     cfg = plan.cfg
     if not plan.include_mtp:                  # a main-only plan fills no MTP block: build none
-        cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[:cfg.n_layers])
+        cfg = cfg.without_mtp()
     model = build_model(cfg, schemes=schemes_from_plan(plan), dtype=dtype, device="meta")
     modules = dict(model.named_modules())
     for key, t in iter_plan_tensors(plan, progress=progress):
@@ -63,7 +63,7 @@ def assign_tensor(modules: dict, key: str, t: "torch.Tensor", dtype: "torch.dtyp
     owner = modules.get(owner_path)
     if owner is None:
         raise MissingTensorError(file=path, tensor=key, hint="the model has no module for this planned tensor")
-    if isinstance(owner, QLinear) and attr in REQUIRED_ROLES[owner.scheme] | OPTIONAL_ROLES[owner.scheme]:
+    if isinstance(owner, QLinear) and SCHEMES[owner.scheme].has(attr):
         owner.set_role(attr, t.to(dtype) if owner.scheme == "bf16" else t)
         return
     current = getattr(owner, attr)

@@ -3,8 +3,9 @@
 ``SHARD_RULES`` is data: anchored regexes over a canonical name's *local part* (``layers.N.`` / ``mtp.K.``
 removed), each with a shard kind and a reason; every planned parameter matches exactly one row, order never
 decides. ``rank_reads`` turns the kind into extra ``narrow`` ops per role, appended after ``Source.ops``; quant
-companions are narrowed in proportion to their blocks, and a split that cuts a block raises. Choices follow
-vLLM's DeepSeek-V4 layers (``docs/dsv4-architecture.md`` sections 5 and 8, ``checkpoint-formats.md`` 2.2).
+companions are narrowed in proportion to their blocks (``Scheme.block`` in ``quant/scheme.py``), and a split
+that cuts a block raises. Choices follow vLLM's DeepSeek-V4 layers (``docs/dsv4-architecture.md §5, §8``,
+``docs/checkpoint-formats.md §2.2``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from ..errors import AmbiguousRuleError, ConfigError, QuantMismatchError, TensorShapeError, UnmappedTensorError
-from ..quant import fp8_block, mxfp4, nvfp4, w4a16
+from ..quant import SCHEMES, cdiv
 from .stream import apply_ops
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ SHARD_RULES: Final[tuple[ShardRule, ...]] = (
     _r(r"^head$", VOCAB, "ParallelLMHead: a rank computes the logits of its vocab rows, gathered afterwards"),
     _r(r"^norm\.weight$", REPLICATED, "final RMSNorm [D] (top level and mtp.K): hidden states are whole on every rank"),
     _r(r"^hc_head_(?:fn|base|scale)$", REPLICATED, "hc_head mixer over the full [N, D] stream state; small fp32"),
-    # attention (arch doc 5.1)
+    # attention (``docs/dsv4-architecture.md §5.1``)
     _r(r"^attn\.attn_sink$", HEADS, "one sink logit per head; vLLM narrows attn_sink to the rank's head range"),
     _r(r"^attn\.(?:wq_a|wkv)$", REPLICATED, "q low-rank input and the single shared KV latent are needed whole by "
        "every head (vLLM fused_wqa_wkv is replicated)"),
@@ -91,10 +92,10 @@ SHARD_RULES: Final[tuple[ShardRule, ...]] = (
        "before selecting; vLLM keeps the indexer replicated"),
     _r(r"^attn\.indexer\.compressor\.(?:wkv|wgate|ape|norm\.weight)$", REPLICATED, "indexer keys, replicated "
        "with the rest of the indexer"),
-    # block norms and hyper-connections (arch doc 4)
+    # block norms and hyper-connections (``docs/dsv4-architecture.md §4``)
     _r(r"^(?:attn_norm|ffn_norm)\.weight$", REPLICATED, "block RMSNorms [D] act on the whole hidden state"),
     _r(r"^hc_(?:attn|ffn)_(?:fn|base|scale)$", REPLICATED, "mHC mixers act on the whole [N, D] stream state"),
-    # MoE (arch doc 8)
+    # MoE (``docs/dsv4-architecture.md §8``)
     _r(r"^ffn\.gate$", REPLICATED, "router scores every expert on every rank (vLLM ReplicatedLinear gate)"),
     _r(r"^ffn\.gate\.(?:bias|tid2eid)$", REPLICATED, "selection bias / hash table feed the replicated router"),
     _r(r"^ffn\.experts\.(?P<expert>\d+)\.(?:w1|w3)$", EXPERT, "routed expert gate/up: whole experts per EP rank; "
@@ -103,7 +104,7 @@ SHARD_RULES: Final[tuple[ShardRule, ...]] = (
        "the intermediate columns are split like FusedMoE w2", tp_kind=ROW),
     _r(r"^ffn\.shared_experts\.(?:w1|w3)$", COLUMN, "shared expert gate/up: MergedColumnParallelLinear over I"),
     _r(r"^ffn\.shared_experts\.w2$", ROW, "shared expert down: RowParallelLinear over I, all-reduced"),
-    # MTP block extras (arch doc 10)
+    # MTP block extras (``docs/dsv4-architecture.md §10``)
     _r(r"^(?:e_proj|h_proj)$", REPLICATED, "MTP input projections [D, D]: vLLM's DeepSeek MTP keeps eh_proj "
        "replicated"),
     _r(r"^(?:enorm|hnorm)\.weight$", REPLICATED, "MTP input RMSNorms [D]"),
@@ -155,25 +156,6 @@ def heads_of_rank(n_heads: int, tp_rank: int, tp_size: int) -> range:
 def experts_of_rank(n_experts: int, ep_rank: int, ep_size: int) -> range:
     """Routed experts ``ep_rank`` owns: a contiguous, equal range of whole experts (vLLM linear expert placement)."""
     return _even_range(n_experts, ep_rank, ep_size, "n_routed_experts", "ep_size")
-
-
-# Stored elements per logical element along (out, in), per scheme and canonical role; None: read whole.
-_GROUP = "group"      # w4a16 group size, read off the weight_scale shape (in / scale columns)
-_BLOCKS: Final[dict[tuple[str, str], tuple[int | str, int | str] | None]] = {
-    ("bf16", "weight"): (1, 1),
-    ("fp8_block", "weight"): (1, 1),
-    ("fp8_block", "scale"): (fp8_block.BLOCK, fp8_block.BLOCK),
-    ("mxfp4", "weight"): (1, 2),                                  # two e2m1 values per byte
-    ("mxfp4", "scale"): (1, mxfp4.GROUP),
-    ("nvfp4", "weight"): (1, 2),
-    ("nvfp4", "weight_scale"): (1, nvfp4.GROUP),
-    ("nvfp4", "weight_global_scale"): None, ("nvfp4", "weight_scale_2"): None,
-    ("nvfp4", "input_global_scale"): None, ("nvfp4", "input_scale"): None,
-    ("w4a16", "weight_packed"): (1, w4a16.PACK),
-    ("w4a16", "weight_scale"): (1, _GROUP),
-    ("w4a16", "weight_zero_point"): (w4a16.PACK, _GROUP),       # int4 zero points packed along out
-    ("w4a16", "weight_shape"): None,                              # the full logical [out, in]; see rank_reads
-}
 
 
 def rank_reads(pp: ParamPlan, *, tp_rank: int, tp_size: int, ep_rank: int = 0, ep_size: int = 1,
@@ -231,22 +213,20 @@ def _role_ops(pp: ParamPlan, role: str, src: Source, kind: str, dim: int, start:
               tp_rank: int, tp_size: int) -> tuple[Op, ...]:
     """The narrow of one role: logical [start, start+n) of ``full`` on ``dim``, divided by the role's block."""
     name, scheme = pp.spec.name, pp.scheme
-    if pp.quant is None:
-        f: int | str = 1                                          # plain tensor: stored as its logical shape
-    else:
-        key = (scheme, role)
-        if key not in _BLOCKS:
+    f = 1                                                         # plain tensor: stored as its logical shape
+    if pp.quant is not None:
+        record = SCHEMES[scheme]
+        if not record.has(role):
             raise QuantMismatchError(file=src.file, tensor=src.tensor, expected=f"a role with a known block layout "
-                                     f"for {scheme}", found=role, hint="add it to _BLOCKS in loader/sharding.py")
-        blocks = _BLOCKS[key]
-        if blocks is None:
+                                     f"for {scheme}", found=role, hint="add it to its Scheme in quant/scheme.py")
+        group = None
+        if record.group_on_disk and dim == 1:                     # w4a16: the group is in / scale columns
+            group = pp.spec.shape[1] // pp.roles[record.scale or ""].shape[1]
+        blocks = record.block(role, group=group)
+        if blocks is None:                                        # scalars and weight_shape: read whole
             return ()
         f = blocks[dim]
-    if f == _GROUP:
-        in_f, cols = pp.spec.shape[1], pp.roles["weight_scale"].shape[1]
-        f = in_f // cols
-    assert isinstance(f, int)
-    stored = -(-full // f)
+    stored = cdiv(full, f)
     if len(src.shape) <= dim or src.shape[dim] != stored:
         raise TensorShapeError(file=src.file, tensor=src.tensor, expected=f"dim {dim} of {stored} for the "
                                f"{scheme or 'plain'} {role} of {name} ({full} / {f})", found=list(src.shape))

@@ -1,6 +1,6 @@
 """``QLinear``: one linear class that holds its weight in the on-disk format of its scheme.
 
-Tensors are registered under the scheme's canonical role names (``quant/__init__.py``), so the model's
+Tensors are registered under the scheme's canonical role names (``quant/scheme.py``), so the model's
 ``state_dict`` keys are the checkpoint keys (``layers.3.attn.wq_a.weight`` + ``layers.3.attn.wq_a.scale``)
 and a loader can assign tensors one by one without any format conversion. Compute goes through
 ``kernels.dispatch.linear``.
@@ -12,54 +12,30 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..kernels import dispatch
-from ..quant import OPTIONAL_ROLES, REQUIRED_ROLES, SCHEMES
-from ..quant.w4a16 import DEFAULT_GROUP_SIZE
+from ..quant import SCHEMES
+from ..quant._parts import torch_dtype
+from ..quant.scheme import FLOAT, SHAPE
 
-__all__ = ["QLinear", "role_layout", "FP8_BLOCK", "MXFP4_GROUP", "NVFP4_GROUP", "W4A16_GROUP"]
-
-FP8_BLOCK = 128          # quantization_config.weight_block_size = [128, 128] (docs/checkpoint-formats.md §6.1)
-MXFP4_GROUP = 32         # one e8m0 scale per 32 input columns (docs/checkpoint-formats.md §6.2)
-NVFP4_GROUP = 16         # one e4m3 scale per 16 input columns (docs/checkpoint-formats.md §6.3)
-W4A16_GROUP = DEFAULT_GROUP_SIZE   # quant.w4a16's default (32); loaders re-register other groups' ``weight_scale``
+__all__ = ["QLinear", "role_layout"]
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
-# nvfp4: one global scale; compressed-tensors divides, ModelOpt multiplies (docs/checkpoint-formats.md §6.3, §6.7).
-_EXCLUSIVE = {"weight_scale_2": "weight_global_scale", "weight_global_scale": "weight_scale_2"}
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _need_multiple(scheme: str, in_features: int, k: int) -> None:
-    if in_features % k:
-        raise ConfigError(f"scheme {scheme}", expected=f"in_features divisible by {k}", found=in_features)
 
 
 def role_layout(scheme: str, out_features: int, in_features: int, dtype: torch.dtype) -> Layout:
-    """Role -> (shape, dtype) of a freshly allocated weight in ``scheme`` (the canonical table).
+    """Role -> (shape, dtype) of a freshly allocated weight in ``scheme``: the roles its record allocates.
 
-    ``dtype`` is used for plain weights and for float scales whose dtype follows the module (w4a16).
-    nvfp4 allocates the compressed-tensors global (``weight_global_scale``); ModelOpt's ``weight_scale_2``
-    is registered by the loader through :meth:`QLinear.set_role`.
+    ``dtype`` is used for plain weights and for float scales whose dtype follows the module (w4a16, whose
+    scales get the record's default group; a loader re-registers other groups' ``weight_scale``). nvfp4
+    allocates the compressed-tensors global (``weight_global_scale``); ModelOpt's ``weight_scale_2`` is
+    registered by the loader through :meth:`QLinear.set_role`.
     """
-    o, i = out_features, in_features
-    if scheme == "bf16":
-        return {"weight": ((o, i), dtype)}
-    if scheme == "fp8_block":
-        return {"weight": ((o, i), torch.float8_e4m3fn),
-                "scale": ((_cdiv(o, FP8_BLOCK), _cdiv(i, FP8_BLOCK)), torch.float8_e8m0fnu)}
-    if scheme == "mxfp4":
-        _need_multiple(scheme, i, MXFP4_GROUP)
-        return {"weight": ((o, i // 2), torch.int8), "scale": ((o, i // MXFP4_GROUP), torch.float8_e8m0fnu)}
-    if scheme == "nvfp4":
-        _need_multiple(scheme, i, NVFP4_GROUP)
-        return {"weight": ((o, i // 2), torch.uint8), "weight_scale": ((o, i // NVFP4_GROUP), torch.float8_e4m3fn),
-                "weight_global_scale": ((1,), torch.float32)}
-    if scheme == "w4a16":
-        return {"weight_packed": ((o, _cdiv(i, 8)), torch.int32),
-                "weight_scale": ((o, _cdiv(i, W4A16_GROUP)), dtype), "weight_shape": ((2,), torch.int64)}
-    raise ConfigError("scheme", expected=" | ".join(SCHEMES), found=repr(scheme))
+    if scheme not in SCHEMES:
+        raise ConfigError("scheme", expected=" | ".join(SCHEMES), found=repr(scheme))
+    s = SCHEMES[scheme]
+    if s.whole_blocks and in_features % s.block_in:
+        raise ConfigError(f"scheme {scheme}", expected=f"in_features divisible by {s.block_in}", found=in_features)
+    return {r.name: (s.shape(r.name, out_features, in_features), dtype if r.alloc == FLOAT else torch_dtype(r.alloc))
+            for r in s.roles if r.alloc is not None}
 
 
 class QLinear(nn.Module):
@@ -76,7 +52,7 @@ class QLinear(nn.Module):
         self._roles: list[str] = []
         for role, (shape, dt) in role_layout(scheme, out_features, in_features, dtype).items():
             t = torch.empty(shape, dtype=dt)
-            if role == "weight_shape" and not t.is_meta:
+            if SCHEMES[scheme].role(role).kind == SHAPE and not t.is_meta:     # w4a16 records [out, in]
                 t.copy_(torch.tensor([out_features, in_features]))
             self._register(role, t)
 
@@ -93,13 +69,14 @@ class QLinear(nn.Module):
 
         Setting one nvfp4 global scale drops the other one.
         """
-        allowed = REQUIRED_ROLES[self.scheme] | OPTIONAL_ROLES[self.scheme]
-        if role not in allowed:
-            raise ConfigError(f"role of scheme {self.scheme}", expected=sorted(allowed), found=repr(role))
-        other = _EXCLUSIVE.get(role)
-        if other in self._roles:
-            self._roles.remove(other)
-            delattr(self, other)
+        record = SCHEMES[self.scheme]
+        if role not in record.allowed:
+            raise ConfigError(f"role of scheme {self.scheme}", expected=sorted(record.allowed), found=repr(role))
+        if record.global_op(role) is not None:      # one global scale (docs/checkpoint-formats.md §6.3, §6.7)
+            for other, _ in record.globals:
+                if other != role and other in self._roles:
+                    self._roles.remove(other)
+                    delattr(self, other)
         self._register(role, tensor)
 
     def parts(self) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Mixture of experts (``layers.N.ffn``): router, routed clamped-SwiGLU experts, shared expert.
 
-Arch doc section 8. Scores are ``sqrt(softplus(Wg x))`` in fp32; hash layers (``layer < num_hash_layers``)
+``docs/dsv4-architecture.md`` §8. Scores are ``sqrt(softplus(Wg x))`` in fp32; hash layers (``layer < num_hash_layers``)
 pick experts with the frozen table ``gate.tid2eid[token_id]``, the others take the top-k of
 ``score + gate.bias`` (the bias steers selection only). The picked scores are normalised
 (``norm_topk_prob``) and scaled by ``routed_scaling_factor``. No group-limited routing.
@@ -17,6 +17,7 @@ from torch import nn
 from ..config import DSV4Config
 from ..errors import ConfigError
 from ..kernels import dispatch
+from ..quant.groups import scheme_of
 from .linear import QLinear
 
 __all__ = ["Gate", "Expert", "MoE"]
@@ -64,12 +65,12 @@ class MoE(nn.Module):
         if cfg.score_func not in _SCORE_FUNCS:
             raise ConfigError("scoring_func", expected=" | ".join(_SCORE_FUNCS), found=repr(cfg.score_func))
         self.cfg = cfg
-        self.gate = Gate(cfg, layer_id, schemes["router"], dtype=dtype)
-        self.experts = nn.ModuleList(Expert(cfg.dim, cfg.moe_inter_dim, schemes["experts"], dtype=dtype)
+        self.gate = Gate(cfg, layer_id, scheme_of(schemes, "ffn.gate"), dtype=dtype)
+        self.experts = nn.ModuleList(Expert(cfg.dim, cfg.moe_inter_dim, scheme_of(schemes, "ffn.experts"), dtype=dtype)
                                      for _ in range(cfg.n_routed_experts))
         if cfg.n_shared_experts > 0:
             self.shared_experts = Expert(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim,
-                                         schemes["shared_experts"], dtype=dtype)
+                                         scheme_of(schemes, "ffn.shared_experts"), dtype=dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [T, D]``, ``ids [T]`` -> ``(weights [T, k] fp32, expert indices [T, k])``."""

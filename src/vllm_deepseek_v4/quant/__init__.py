@@ -2,13 +2,15 @@
 
 A *scheme* is decided per module from the tensors on disk (``detect.py``). Each scheme stores a module's
 weight as a small set of *roles*; the loader renames on-disk suffixes to these canonical roles, so the model
-and the kernels never see producer-specific names (``checkpoint-formats.md`` sections 6-7):
+and the kernels never see producer-specific names (``docs/checkpoint-formats.md §6-7``). Everything known about
+a format -- roles, dtypes, block sizes, packing, scale encoding -- is its :class:`Scheme` record in
+``scheme.py`` (``SCHEMES[name]``); which scheme-table entry a module reads is ``groups.py``:
 
 =========  =======================================================================================
 scheme     canonical roles (dtype, shape for a logical ``[out, in]`` weight)
 =========  =======================================================================================
 bf16       ``weight`` (any float) ``[out, in]``
-fp8_block  ``weight`` F8_E4M3 ``[out, in]``; ``scale`` (F8_E8M0 | F32 | BF16) ``[ceil(out/128), ceil(in/128)]``
+fp8_block  ``weight`` F8_E4M3 ``[out, in]``; ``scale`` (F8_E8M0 | F32 | BF16 | F16) ``[ceil(out/128), ceil(in/128)]``
            (on disk ``.scale``, ``.weight_scale_inv`` or compressed-tensors ``.weight_scale``; a multiplier)
 mxfp4      ``weight`` I8|U8 ``[out, in/2]`` (e2m1, low nibble first); ``scale`` F8_E8M0|U8 ``[out, in/32]``
 nvfp4      ``weight`` U8 ``[out, in/2]``; ``weight_scale`` F8_E4M3 ``[out, in/16]``; and either
@@ -17,25 +19,12 @@ nvfp4      ``weight`` U8 ``[out, in/2]``; ``weight_scale`` F8_E4M3 ``[out, in/16
 w4a16      ``weight_packed`` I32 ``[out, ceil(in/8)]``; ``weight_scale`` float ``[out, in/group]``;
            ``weight_shape`` I64 ``[2]``; optional ``weight_zero_point``
 =========  =======================================================================================
+
+Only the standard library is imported here (planning never imports torch).
 """
 from __future__ import annotations
 
-SCHEMES = ("bf16", "fp8_block", "mxfp4", "nvfp4", "w4a16")
+from .groups import GROUP_OF, GROUPS, group_of, scheme_of
+from .scheme import SCHEMES, Role, Scheme, cdiv
 
-# Roles each scheme needs / may carry (canonical names, see the table above).
-REQUIRED_ROLES: dict[str, frozenset[str]] = {
-    "bf16": frozenset({"weight"}),
-    "fp8_block": frozenset({"weight", "scale"}),
-    "mxfp4": frozenset({"weight", "scale"}),
-    "nvfp4": frozenset({"weight", "weight_scale"}),          # + exactly one global (checked in detect)
-    "w4a16": frozenset({"weight_packed", "weight_scale"}),
-}
-OPTIONAL_ROLES: dict[str, frozenset[str]] = {
-    "bf16": frozenset(),
-    "fp8_block": frozenset(),
-    "mxfp4": frozenset(),
-    "nvfp4": frozenset({"weight_global_scale", "weight_scale_2", "input_global_scale", "input_scale"}),
-    "w4a16": frozenset({"weight_shape", "weight_zero_point"}),
-}
-
-__all__ = ["SCHEMES", "REQUIRED_ROLES", "OPTIONAL_ROLES"]
+__all__ = ["SCHEMES", "Scheme", "Role", "cdiv", "GROUPS", "GROUP_OF", "group_of", "scheme_of"]

@@ -1,9 +1,9 @@
 """E8M0 (UE8M0) power-of-two scales: decode from the raw byte, encode exactly.
 
 An e8m0 byte ``e`` means ``2^(e-127)``; ``255`` is NaN (OCP Microscaling spec v1.0, section 5.4.1;
-``checkpoint-formats.md`` 6.1). Decoding always goes through the byte (``view(torch.uint8)``), never a numeric
+``docs/checkpoint-formats.md §6.1``). Decoding always goes through the byte (``view(torch.uint8)``), never a numeric
 cast: a numeric copy of an e8m0 tensor into another float parameter has zeroed small scales in vLLM
-(``checkpoint-formats.md`` 6.1), and the byte path is exact on every device.
+(``docs/checkpoint-formats.md §6.1``), and the byte path is exact on every device.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """E2M1 (FP4) element codes and their packing, shared by mxfp4 and nvfp4.
 
 A code is 4 bits: bit 3 is the sign, bits 0-2 index ``E2M1_GRID`` (OCP MX spec v1.0, section 5.3.3).
-Two codes share a byte, the **low nibble holding the even (first) column** (``checkpoint-formats.md`` 6.2/6.3;
+Two codes share a byte, the **low nibble holding the even (first) column** (``docs/checkpoint-formats.md §6.2/§6.3``;
 compressed-tensors ``pack_fp4_to_uint8``; transformers ``Fp8Dequantize._unpack_fp4``).
 """
 from __future__ import annotations

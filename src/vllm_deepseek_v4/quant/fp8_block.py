@@ -1,4 +1,4 @@
-"""FP8 block quantization: e4m3 weights with one scale per 128x128 block (``checkpoint-formats.md`` 6.1, 6.4).
+"""FP8 block quantization: e4m3 weights with one scale per 128x128 block (``docs/checkpoint-formats.md §6.1, §6.4``).
 
 ``W[i, j] = float(w[i, j]) * scale[i // 128, j // 128]``; the scale is a multiplier, stored as e8m0 (DeepSeek
 V4 Flash/Pro), float32 (V4-Flash-Base, DeepSeek-V3 ``weight_scale_inv``) or bfloat16 (compressed-tensors
@@ -14,12 +14,15 @@ import torch
 from ..errors import QuantMismatchError, TensorShapeError
 from ._parts import cdiv, take
 from .e8m0 import e8m0_to_float, exponent_to_e8m0, pow2_exponent_ceil
+from .scheme import SCHEMES
 
 __all__ = ["BLOCK", "FP8_MAX", "dequantize", "quantize", "scale_to_float"]
 
-BLOCK: Final[int] = 128  # config.json quantization_config.weight_block_size = [128, 128]
+_S = SCHEMES["fp8_block"]
+assert _S.block_out == _S.block_in      # square blocks: one edge serves both axes below
+BLOCK: Final[int] = _S.block_in  # config.json quantization_config.weight_block_size = [128, 128]
 FP8_MAX: Final[float] = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-_SCALE_DTYPES = (torch.float8_e8m0fnu, torch.float32, torch.bfloat16)
+# quantize's scale dtypes (the decoder also reads F16 scales, see the Scheme record)
 _SCALE_DTYPE_BY_NAME: Final[dict[str, torch.dtype]] = {
     "e8m0": torch.float8_e8m0fnu, "f32": torch.float32, "bf16": torch.bfloat16,
 }
@@ -44,10 +47,8 @@ def dequantize(parts: Mapping[str, torch.Tensor], out_features: int, in_features
 
     Computed in float32 and cast once to ``dtype``.
     """
-    w = take(parts, "weight", scheme="fp8_block", name=name, dtypes=(torch.float8_e4m3fn,),
-             shape=(out_features, in_features))
-    s = take(parts, "scale", scheme="fp8_block", name=name, dtypes=_SCALE_DTYPES,
-             shape=(cdiv(out_features, BLOCK), cdiv(in_features, BLOCK)))
+    w = take(parts, "weight", scheme=_S.name, name=name, shape=_S.shape("weight", out_features, in_features))
+    s = take(parts, "scale", scheme=_S.name, name=name, shape=_S.shape("scale", out_features, in_features))
     scale = scale_to_float(s, name=f"{name}.scale" if name else "scale")
     return (w.float() * _expand(scale, out_features, in_features)).to(dtype)
 

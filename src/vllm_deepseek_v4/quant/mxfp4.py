@@ -1,4 +1,4 @@
-"""MXFP4: e2m1 weights with one power-of-two scale per 32 input columns (``checkpoint-formats.md`` 6.2, 6.5).
+"""MXFP4: e2m1 weights with one power-of-two scale per 32 input columns (``docs/checkpoint-formats.md §6.2, §6.5``).
 
 ``W[i, j] = E2M1[code(i, j)] * 2^(e[i, j // 32] - 127)``. DeepSeek's native FP4 experts store the codes as
 int8 and the scales as ``float8_e8m0fnu``; compressed-tensors ``mxfp4-pack-quantized`` stores uint8 and uint8
@@ -15,10 +15,12 @@ from ..errors import QuantMismatchError, TensorShapeError
 from ._parts import take
 from .e8m0 import e8m0_to_float, exponent_to_e8m0, pow2_exponent_ceil
 from .fp4 import E2M1_MAX, e2m1_encode, pack_fp4, unpack_fp4_values
+from .scheme import SCHEMES
 
 __all__ = ["GROUP", "dequantize", "quantize"]
 
-GROUP: Final[int] = 32  # OCP MX spec v1.0: k = 32 elements share one scale; DeepSeek scale is [out, in/32]
+_S = SCHEMES["mxfp4"]
+GROUP: Final[int] = _S.block_in  # OCP MX spec v1.0: k = 32 elements share one scale; DeepSeek scale is [out, in/32]
 _FLAVORS: Final[dict[str, tuple[torch.dtype, torch.dtype]]] = {  # flavor -> (weight dtype, scale dtype)
     "deepseek": (torch.int8, torch.float8_e8m0fnu),
     "compressed-tensors": (torch.uint8, torch.uint8),
@@ -38,10 +40,8 @@ def dequantize(parts: Mapping[str, torch.Tensor], out_features: int, in_features
     Exact in float32 (an e2m1 value times a power of two), then cast once to ``dtype``.
     """
     _check_in_features(in_features, name=name)
-    w = take(parts, "weight", scheme="mxfp4", name=name, dtypes=(torch.int8, torch.uint8),
-             shape=(out_features, in_features // 2))
-    s = take(parts, "scale", scheme="mxfp4", name=name, dtypes=(torch.float8_e8m0fnu, torch.uint8),
-             shape=(out_features, in_features // GROUP))
+    w = take(parts, "weight", scheme=_S.name, name=name, shape=_S.shape("weight", out_features, in_features))
+    s = take(parts, "scale", scheme=_S.name, name=name, shape=_S.shape("scale", out_features, in_features))
     scale = e8m0_to_float(s, name=f"{name}.scale" if name else "scale").repeat_interleave(GROUP, dim=1)
     return (unpack_fp4_values(w) * scale).to(dtype)
 

@@ -1,7 +1,7 @@
 """Decode and encode every quant scheme by name: the one entry point the loader, the tests and the zoo use.
 
-``dequantize(scheme, parts, out, in)`` checks the role set against ``REQUIRED_ROLES``/``OPTIONAL_ROLES``
-(``quant/__init__.py``) before the format module checks dtypes and shapes; ``quantize(scheme, w, **opts)``
+``dequantize(scheme, parts, out, in)`` checks the role set against the scheme's record (``quant/scheme.py``)
+before the format module checks dtypes and shapes; ``quantize(scheme, w, **opts)``
 returns the canonical roles in their on-disk dtypes. The formulas live in one module per format.
 """
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Any, Final
 import torch
 
 from ..errors import QuantMismatchError, TensorDtypeError, TensorShapeError
-from . import OPTIONAL_ROLES, REQUIRED_ROLES, SCHEMES, fp8_block, mxfp4, nvfp4, w4a16
+from . import fp8_block, mxfp4, nvfp4, w4a16
 from ._parts import role_name
 from .e8m0 import e8m0_to_float, float_to_e8m0
 from .fp4 import e2m1_decode, e2m1_encode, pack_fp4, unpack_fp4, unpack_fp4_values
+from .scheme import SCHEMES
 
 __all__ = [
     "dequantize", "quantize", "check_roles",
@@ -37,15 +38,15 @@ def _check_scheme(scheme: str, *, name: str | None) -> None:
 def check_roles(scheme: str, parts: Mapping[str, torch.Tensor], *, name: str | None = None) -> None:
     """Every required role of ``scheme`` present and nothing outside required + optional."""
     _check_scheme(scheme, name=name)
-    have = set(parts)
-    missing = sorted(REQUIRED_ROLES[scheme] - have)
-    unexpected = sorted(have - REQUIRED_ROLES[scheme] - OPTIONAL_ROLES[scheme])
+    have, record = set(parts), SCHEMES[scheme]
+    missing = sorted(record.required - have)
+    unexpected = sorted(have - record.allowed)
     if missing:
         raise QuantMismatchError(tensor=role_name(name, missing[0]), expected=f"{scheme} roles "
-                                 f"{sorted(REQUIRED_ROLES[scheme])}", found=f"roles {sorted(have)}",
+                                 f"{sorted(record.required)}", found=f"roles {sorted(have)}",
                                  hint=f"missing {missing}: a {scheme} weight cannot be decoded without them")
     if unexpected:
-        allowed = sorted(REQUIRED_ROLES[scheme] | OPTIONAL_ROLES[scheme])
+        allowed = sorted(record.allowed)
         raise QuantMismatchError(tensor=role_name(name, unexpected[0]), expected=f"{scheme} roles {allowed}",
                                  found=f"roles {sorted(have)}",
                                  hint=f"unexpected {unexpected}: the module was probably detected as the wrong scheme")

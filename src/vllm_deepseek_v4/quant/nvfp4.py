@@ -1,5 +1,5 @@
 """NVFP4: e2m1 weights, one e4m3 scale per 16 input columns, one float32 global scale
-(``checkpoint-formats.md`` 6.3, 6.7).
+(``docs/checkpoint-formats.md §6.3, §6.7``).
 
 Two producers store the global scale inversely:
 
@@ -19,20 +19,21 @@ import torch
 from ..errors import QuantMismatchError, TensorShapeError
 from ._parts import role_name, take
 from .fp4 import E2M1_MAX, e2m1_encode, pack_fp4, unpack_fp4_values
+from .scheme import SCHEMES
 
 __all__ = ["E4M3_MAX", "GROUP", "dequantize", "global_scale", "quantize"]
 
-GROUP: Final[int] = 16  # NVFP4: 16 elements per e4m3 scale (compressed-tensors NVFP4 preset group_size=16)
+_S = SCHEMES["nvfp4"]
+GROUP: Final[int] = _S.block_in  # NVFP4: 16 elements per e4m3 scale (compressed-tensors NVFP4 preset group_size=16)
 E4M3_MAX: Final[float] = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # compressed-tensors _get_dtype_eps(float8_e4m3fn): the local scale used where the rounded one is zero
 _ZERO_SCALE_EPS: Final[float] = 0.125
-_GLOBALS: Final[tuple[str, str]] = ("weight_global_scale", "weight_scale_2")
-_F32 = (torch.float32,)
+_GLOBALS: Final[tuple[str, ...]] = tuple(role for role, _ in _S.globals)
 
 
 def _scalar(parts: Mapping[str, torch.Tensor], role: str, *, name: str | None) -> torch.Tensor:
     """A one-element float32 role as a 0-d tensor; ``[1]`` is squeezed (vllm-project/vllm#43297)."""
-    t = take(parts, role, scheme="nvfp4", name=name, dtypes=_F32, shape=None)
+    t = take(parts, role, scheme=_S.name, name=name, shape=None)
     if t.numel() != 1:
         raise TensorShapeError(tensor=role_name(name, role), expected="one element ([] or [1])",
                                found=list(t.shape), hint="NVFP4 keeps one global scale per module")
@@ -47,7 +48,7 @@ def _check_in_features(in_features: int, *, name: str | None) -> None:
 
 def dequantize(parts: Mapping[str, torch.Tensor], out_features: int, in_features: int,
                dtype: torch.dtype = torch.float32, *, name: str | None = None) -> torch.Tensor:
-    """Roles ``weight`` U8 ``[out, in/2]``, ``weight_scale`` e4m3 ``[out, in/16]`` and exactly one of
+    """Roles ``weight`` U8 (or I8, same bits) ``[out, in/2]``, ``weight_scale`` e4m3 ``[out, in/16]`` and exactly one of
     ``weight_global_scale`` / ``weight_scale_2`` to ``[out, in]``; computed in float32, cast once."""
     _check_in_features(in_features, name=name)
     present = [g for g in _GLOBALS if g in parts]
@@ -56,15 +57,16 @@ def dequantize(parts: Mapping[str, torch.Tensor], out_features: int, in_features
                                  expected="exactly one of weight_global_scale, weight_scale_2",
                                  found=present or "neither",
                                  hint="compressed-tensors stores the divisor, ModelOpt its inverse; never both")
-    w = take(parts, "weight", scheme="nvfp4", name=name, dtypes=(torch.uint8,), shape=(out_features, in_features // 2))
-    s = take(parts, "weight_scale", scheme="nvfp4", name=name, dtypes=(torch.float8_e4m3fn,),
-             shape=(out_features, in_features // GROUP))
+    w = take(parts, "weight", scheme=_S.name, name=name, shape=_S.shape("weight", out_features, in_features))
+    s = take(parts, "weight_scale", scheme=_S.name, name=name,
+             shape=_S.shape("weight_scale", out_features, in_features))
     values = unpack_fp4_values(w)  # [out, in]
     local = s.float().repeat_interleave(GROUP, dim=1)
-    if present[0] == "weight_global_scale":
-        out = values * (local / _scalar(parts, "weight_global_scale", name=name))
-    else:
-        out = values * local * _scalar(parts, "weight_scale_2", name=name)
+    g = _scalar(parts, present[0], name=name)
+    if _S.global_op(present[0]) == "divide":     # compressed-tensors
+        out = values * (local / g)
+    else:                                         # ModelOpt
+        out = values * local * g
     return out.to(dtype)
 
 

@@ -1,4 +1,4 @@
-"""W4A16: compressed-tensors ``pack-quantized`` int4 weights with group scales (``checkpoint-formats.md`` 6.6).
+"""W4A16: compressed-tensors ``pack-quantized`` int4 weights with group scales (``docs/checkpoint-formats.md §6.6``).
 
 Values are stored offset-coded (``q + 8``, 0..15), eight per int32, the first in bits 0-3; rows are padded
 to a multiple of 8 columns (compressed-tensors ``pack_to_int32``). Symmetric: ``W = (nibble - 8) * scale``.
@@ -13,14 +13,15 @@ from typing import Final
 import torch
 
 from ..errors import QuantMismatchError, TensorShapeError
-from ._parts import cdiv, role_name, take
+from ._parts import cdiv, role_dtypes, role_name, take
+from .scheme import SCHEMES
 
 __all__ = ["DEFAULT_GROUP_SIZE", "PACK", "dequantize", "pack_int4", "quantize", "unpack_int4"]
 
-PACK: Final[int] = 8  # 32 bits / 4 bits per value
+_S = SCHEMES["w4a16"]
+PACK: Final[int] = _S.pack  # 32 bits / 4 bits per value
 OFFSET: Final[int] = 8  # int4 q in [-8, 7] is stored as q + 8
-DEFAULT_GROUP_SIZE: Final[int] = 32  # canada-quant W4A16-FP8-MTP experts (checkpoint-formats.md 6.6)
-_SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DEFAULT_GROUP_SIZE: Final[int] = _S.block_in  # canada-quant W4A16-FP8-MTP experts (docs/checkpoint-formats.md §6.6)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -51,23 +52,24 @@ def dequantize(parts: Mapping[str, torch.Tensor], out_features: int, in_features
 
     The group size is ``in / weight_scale.shape[1]`` (one group is per-channel).
     """
-    packed = take(parts, "weight_packed", scheme="w4a16", name=name, dtypes=(torch.int32,),
-                  shape=(out_features, cdiv(in_features, PACK)))
-    scale = take(parts, "weight_scale", scheme="w4a16", name=name, dtypes=_SCALE_DTYPES, shape=None)
+    packed = take(parts, "weight_packed", scheme=_S.name, name=name,
+                  shape=_S.shape("weight_packed", out_features, in_features))
+    scale = take(parts, "weight_scale", scheme=_S.name, name=name, shape=None)
     groups = scale.shape[1] if scale.ndim == 2 else 0
     if scale.ndim != 2 or scale.shape[0] != out_features or groups == 0 or in_features % groups:
         raise TensorShapeError(tensor=role_name(name, "weight_scale"), expected=f"[{out_features}, in/group]",
                                found=list(scale.shape), hint=f"in_features {in_features} must split into whole groups")
     if "weight_shape" in parts:
-        shape = take(parts, "weight_shape", scheme="w4a16", name=name, dtypes=(torch.int64, torch.int32), shape=(2,))
+        shape = take(parts, "weight_shape", scheme=_S.name, name=name,
+                     shape=_S.shape("weight_shape", out_features, in_features))
         if shape.tolist() != [out_features, in_features]:
             raise TensorShapeError(tensor=role_name(name, "weight_shape"), expected=[out_features, in_features],
                                    found=shape.tolist(), hint="the stored logical shape disagrees with the config")
     q = unpack_int4(packed, in_features).float()
     group_size = in_features // groups
     if "weight_zero_point" in parts:
-        zp_packed = take(parts, "weight_zero_point", scheme="w4a16", name=name, dtypes=(torch.int32,),
-                         shape=(cdiv(out_features, PACK), groups))
+        zp_packed = take(parts, "weight_zero_point", scheme=_S.name, name=name,
+                         shape=_S.shape("weight_zero_point", out_features, in_features, group=group_size))
         zp = unpack_int4(zp_packed.T, out_features).T.float()  # packed along out: [out, groups]
         q = q - zp.repeat_interleave(group_size, dim=1)
     return (q * scale.float().repeat_interleave(group_size, dim=1)).to(dtype)
@@ -88,8 +90,10 @@ def quantize(w: torch.Tensor, *, group_size: int = DEFAULT_GROUP_SIZE, symmetric
     if group_size <= 0 or in_features % group_size:
         raise TensorShapeError(tensor="w4a16 input", expected=f"in_features a multiple of group_size {group_size}",
                                found=in_features, hint="pick a group size that divides in_features")
-    if scale_dtype not in _SCALE_DTYPES:
-        raise QuantMismatchError(tensor="w4a16 scale_dtype", expected="bfloat16 | float16 | float32", found=scale_dtype)
+    scale_dtypes = role_dtypes(_S.name, "weight_scale")
+    if scale_dtype not in scale_dtypes:
+        names = " | ".join(str(d).removeprefix("torch.") for d in scale_dtypes)
+        raise QuantMismatchError(tensor="w4a16 scale_dtype", expected=names, found=scale_dtype)
     wf = w.float()
     if wf.numel() and not bool(torch.isfinite(wf).all()):
         raise QuantMismatchError(tensor="w4a16 input", expected="finite values", found="nan or inf",
