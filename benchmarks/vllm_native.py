@@ -62,6 +62,16 @@ def _short(s: str | None, n: int = 140) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+def _scrub(doc: Any, path: Path) -> Any:
+    """``doc`` with the artifact's absolute directory inside any message replaced by its portable form."""
+    from vllm_deepseek_v4.devtools.records import repo_relative
+
+    text = json.dumps(doc)
+    for p in {str(path), str(path.resolve())}:
+        text = text.replace(p, repo_relative(p))
+    return json.loads(text)
+
+
 def row(layout: str, doc: dict[str, Any], seconds: float) -> dict[str, Any]:
     out: dict[str, Any] = {"layout": layout, "native_ok": doc.get("ok"), "seconds": round(seconds, 2),
                            "problems": [_short(p, 300) for p in doc.get("problems", [])]}
@@ -100,7 +110,7 @@ def run_zoo(zoo: Path, device: str) -> list[dict[str, Any]]:
             doc = check_vllm(str(d), device=device)
         except Exception as e:           # a benchmark records, never hides, a crash
             doc = {"ok": False, "problems": [f"check_vllm raised {type(e).__name__}: {e}"]}
-        rows.append(row(d.name, doc, time.perf_counter() - t0))
+        rows.append(row(d.name, _scrub(doc, d), time.perf_counter() - t0))
         print(f"{d.name:26s} native {rows[-1].get('native_target', '-')} / {rows[-1].get('native_mtp', '-')} "
               f"ok={rows[-1]['native_ok']}  stock {rows[-1].get('stock_target', '-')} / "
               f"{rows[-1].get('stock_mtp', '-')}  {rows[-1]['seconds']} s", flush=True)
@@ -123,7 +133,7 @@ def run_flash(base: Path) -> dict[str, Any]:
         doc = json.loads(r.stdout)
     except ValueError:
         doc = {"ok": False, "problems": [f"exit {r.returncode}: {_short(r.stderr[-600:], 600)}"]}
-    out = row("DeepSeek-V4-Flash (sparse, meta)", doc, seconds)
+    out = row("DeepSeek-V4-Flash (sparse, meta)", _scrub(doc, d), seconds)
     out.update({"exit_code": r.returncode, "tensors": len(flash.inventory()), "peak_rss_mb": round(peak_mb)})
     return out
 
@@ -169,7 +179,9 @@ def main() -> int:
 
 NOTES = """
 Columns: `native_target` / `native_mtp` = vLLM parameters filled (or shared with the target) / parameters of
-the class, through our plan; `native_mtp_unused` = tensors on disk the draft does not load, each with a written
+the class, through our plan (NVFP4 modules: the 8 missing in the trunk, 2 in an NVFP4 draft, are
+vLLM-only activation global scales that weight-only NVFP4 never carries, written as 1.0 and listed as padding
+in the JSON); `native_mtp_unused` = tensors on disk the draft does not load, each with a written
 reason in the JSON (duplicated head/embed copies, explained tensors). `seconds`: native + stock checks
 (the first row also pays vLLM's import; the Flash row is a child process, headers only, both checks). `stock_*` = vLLM 0.32's own
 `load_weights` with the quant config vLLM derives from the artifact (the target's object for the draft):
