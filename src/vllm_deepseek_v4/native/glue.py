@@ -150,7 +150,7 @@ def load_weights_from_plan(model: Any, kind: str, weights: Iterable[tuple[str, A
     _raise_plan(plan)
     if kind == "mtp" and not (plan.include_mtp and plan.cfg.n_mtp_layers > 0):
         raise PlanLoadError(f"{path}: no MTP block to load")
-    if quant_config == "model":
+    if isinstance(quant_config, str) and quant_config == "model":
         quant_config = model_quant_config(model)
     from ..loader.stream import PositionalReader
 
