@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """DeepSeek-V4 target + MTP loaded through the load plan (``vllm/models/deepseek_v4/loading``), on CPU.
 
-The ``nvidia`` classes are constructed with CPU stand-ins (``cpu_standins.py``: CUDA streams, the device
-capability, kernel oracles; no forward pass runs). Artifacts are written from ``layouts.json``: the real
+The ``nvidia`` and ``xpu`` classes are constructed with CPU stand-ins (``cpu_standins.py``: CUDA / XPU
+streams, the device capability, kernel oracles; no forward pass runs); ``amd`` needs ROCm to import. Artifacts are written from ``layouts.json``: the real
 tensor names, dtypes and shapes of each layout at a small geometry the nvidia classes accept, with seeded
 random values. Each class is loaded by its own ``load_weights``, fed vLLM's safetensors iterator, as vLLM's
 default loader does.
@@ -99,14 +99,19 @@ def ensure_distributed(vc) -> None:
         ps.initialize_model_parallel(1, 1)
 
 
-def build_and_load(path: Path):
-    """vLLM's nvidia target and MTP built as vLLM builds them (the target's quant config from the artifact,
-    passed to the draft too), each loaded by its own ``load_weights`` from vLLM's safetensors iterator."""
+def build_and_load(path: Path, platform: str = "nvidia"):
+    """vLLM's ``platform`` target and MTP built as vLLM builds them (the target's quant config from the
+    artifact, passed to the draft too), each loaded by its own ``load_weights`` from vLLM's safetensors
+    iterator."""
+    import importlib
+
     from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
-    from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM
-    from vllm.models.deepseek_v4.nvidia.mtp import DeepSeekV4MTP
     from vllm.utils.torch_utils import set_default_torch_dtype
+
+    base = f"vllm.models.deepseek_v4.{platform}"
+    DeepseekV4ForCausalLM = importlib.import_module(base + ".model").DeepseekV4ForCausalLM
+    DeepSeekV4MTP = importlib.import_module(base + ".mtp").DeepSeekV4MTP
 
     files = sorted(str(p) for p in path.glob("*.safetensors"))
     out = {}
@@ -139,12 +144,14 @@ MTP_METHODS = {
 }
 
 
+# amd does not import on a machine without ROCm; nvidia and xpu construct on CPU with the stand-ins
+@pytest.mark.parametrize("platform", ["nvidia", "xpu"])
 @pytest.mark.parametrize("layout", sorted(MTP_METHODS))
-def test_target_and_mtp_load_completely(layout: str, tmp_path: Path) -> None:
+def test_target_and_mtp_load_completely(layout: str, platform: str, tmp_path: Path) -> None:
     from safetensors import safe_open
 
     path = write_artifact(layout, tmp_path / layout)
-    res = build_and_load(path)
+    res = build_and_load(path, platform)
     for kind, (model, loaded) in res.items():
         assert loaded == {n for n, _ in model.named_parameters()}, kind
     target, mtp = res["target"][0], res["mtp"][0]

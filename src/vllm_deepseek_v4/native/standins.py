@@ -15,7 +15,7 @@ __all__ = ["STANDINS", "cpu_standins", "HF_OVERRIDES"]
 
 # (what, why) -- documentation and the report's record of what was replaced
 STANDINS: tuple[tuple[str, str], ...] = (
-    ("torch.cuda.Stream / torch.cuda.Event -> no-op objects",
+    ("torch.cuda.Stream / torch.cuda.Event (and torch.xpu's) -> no-op objects",
      "the nvidia model, MTP predictor and attention create aux CUDA streams/events in their constructors"),
     ("current_platform.get_device_capability() -> (9, 0)",
      "the FlashMLA output-projection recipe asks for the device capability at construction"),
@@ -64,6 +64,9 @@ def cpu_standins() -> Iterator[None]:
 
     patch(torch.cuda, "Stream", _NoStream)
     patch(torch.cuda, "Event", _NoStream)
+    if getattr(torch, "xpu", None) is not None:        # the xpu variant's attention swaps in torch.xpu.Event
+        patch(torch.xpu, "Stream", _NoStream)
+        patch(torch.xpu, "Event", _NoStream)
     patch(type(current_platform), "get_device_capability",
           classmethod(lambda cls, device_id=0: DeviceCapability(9, 0)))
     _allow_emulation(patch)
