@@ -355,7 +355,8 @@ def narrowed(info: TensorInfo, dim: int, start: int, length: int) -> Source:
     """``info`` as a load source that reads ``[start, start + length)`` along ``dim``."""
     shape = list(info.shape)
     shape[dim] = length
-    return Source(info.name, info.file, info.dtype, tuple(shape), (("narrow", dim, start, length),))
+    return Source(tensor=info.name, dtype=info.dtype, shape=tuple(shape), file=info.file,
+                  ops=(("narrow", dim, start, length),))
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.int8, torch.bfloat16], ids=str)

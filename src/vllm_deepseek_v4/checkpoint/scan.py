@@ -10,10 +10,9 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from operator import attrgetter
 from typing import Final, NoReturn
 
-from vllm_deepseek_v4.checkpoint.format import Checkpoint, TensorInfo, parse_header
+from vllm_deepseek_v4.checkpoint.format import Checkpoint, TensorInfo, getter, parse_header
 from vllm_deepseek_v4.errors import CheckpointError
 
 __all__ = ["INDEX_NAME", "scan_checkpoint", "gc_paused"]
@@ -107,7 +106,7 @@ def _merge(root: str, per_file: dict[str, list[TensorInfo]]) -> dict[str, Tensor
     """Join the files' tensors; a name in two files is an error naming both."""
     tensors: dict[str, TensorInfo] = {}
     for infos in per_file.values():
-        tensors.update(zip(map(attrgetter("name"), infos), infos))
+        tensors.update(zip(map(getter(TensorInfo, "name"), infos), infos))
     if len(tensors) < sum(map(len, per_file.values())):
         _refuse_duplicate(root, per_file)
     return tensors
@@ -130,7 +129,7 @@ def _check_index(root: str, index_file: str, wmap: dict[str, str], per_file: dic
     """Every header tensor must be in the index, and every indexed tensor in the file the index names."""
     # As many names as the index lists, each listed under its own file: then the two agree exactly.
     if len(wmap) != len(tensors) or not all(
-            list(map(wmap.get, map(attrgetter("name"), infos))).count(rel) == len(infos)
+            list(map(wmap.get, map(getter(TensorInfo, "name"), infos))).count(rel) == len(infos)
             for rel, infos in per_file.items()):
         _refuse_index(root, index_file, wmap, per_file, tensors)
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain, compress, repeat
-from operator import attrgetter, is_, itemgetter, not_
+from operator import itemgetter, not_
+from typing import Iterable
 
+from ..checkpoint.format import TensorInfo, getter
 from ..config import DSV4Config
 from ..errors import DSV4Error
 from ..naming.rule import ROLE_SUFFIXES
@@ -76,8 +78,8 @@ class _Kinds:
 
 def account(specs: list[ParamSpec], found: list[Found], cfg: DSV4Config, include_mtp: bool) -> Accounting:
     """Plan every parameter of ``specs`` from the ``found`` tensors; report what does not fit."""
-    is_linear = list(map(LINEAR.__eq__, map(attrgetter("kind"), specs)))
-    by_name = list(zip(map(attrgetter("name"), specs), specs))
+    is_linear = list(map(LINEAR.__eq__, map(getter(ParamSpec, "kind"), specs)))
+    by_name = list(zip(map(getter(ParamSpec, "name"), specs), specs))
     linear = dict(compress(by_name, is_linear))
     plain = dict(compress(by_name, map(not_, is_linear)))
     columns: list[Column] = []
@@ -231,26 +233,36 @@ def _plan_cell(modules: list[str], cols: list[Column], linear: dict[str, ParamSp
                list(map(c.sources.__getitem__, c.positions(modules))) for c in cols]
     specs = cols[0].specs if modules is cols[0].modules else list(map(linear.__getitem__, modules))
     roles = [c.role for c in cols]
-    # a module's kind: its logical shape, then the dtype and shape of each role
-    keys = list(zip(map(attrgetter("shape"), specs), *chain.from_iterable(
-        (map(attrgetter("dtype"), col), map(attrgetter("shape"), col)) for col in sources)))
+    # a module's kind: its logical shape, then the dtype and shape of each role (from a TensorInfo or a
+    # Source, which hold them at the same positions); one flat tuple, hashed and compared per module
+    dtype, shape = getter(TensorInfo, "dtype"), getter(TensorInfo, "shape")
+    keys = list(zip(map(getter(ParamSpec, "shape"), specs),
+                    *chain.from_iterable((map(dtype, col), map(shape, col)) for col in sources)))
     scheme_of_kind = {key: kinds.classify(modules[i], specs[i], {r: col[i] for r, col in zip(roles, sources)})
                       for key, i in dict(zip(keys, range(len(modules)))).items()}     # one module of each kind
-    if len(scheme_of_kind) == 1:                           # the usual case: one kind fills the whole cell
-        groups = [(next(iter(scheme_of_kind.values())), None)]
+    if len(scheme_of_kind) == 1:                           # the usual case: one kind fills the cell
+        scheme: Iterable[ModuleQuant | DSV4Error] = repeat(next(iter(scheme_of_kind.values())))
     else:
         scheme = list(map(scheme_of_kind.__getitem__, keys))
-        groups = [(q, list(compress(range(len(modules)), map(is_, scheme, repeat(q)))))
-                  for q in {id(q): q for q in scheme_of_kind.values()}.values()]
-    for q, pick in groups:
+    # modules are planned alike when their schemes read the same on-disk suffixes (fp8 and mxfp4 both read
+    # weight and scale); a kind that fits no scheme reports each of its modules
+    alike = {id(q): _suffixes(q) for q in scheme_of_kind.values()}
+    groups = set(alike.values())
+    for suffixes in groups:
+        pick = None if len(groups) == 1 else [i for i, q in enumerate(scheme) if alike[id(q)] == suffixes]
         picked = (lambda xs: xs) if pick is None else (lambda xs: list(map(xs.__getitem__, pick)))
-        if isinstance(q, DSV4Error):                       # each module reports its own tensors
+        if suffixes is None:
             problems += [(modules[i], _quant_problem(modules[i], specs[i], cols, sources, i, kinds))
                          for i in (range(len(modules)) if pick is None else pick)]
             continue
         by_role = dict(zip(roles, map(picked, sources)))
-        dicts = _role_dicts(tuple(q.roles), [by_role[sfx] for sfx in q.roles.values()])
-        made.update(zip(picked(modules), map(_param_plan, zip(picked(specs), dicts, repeat(q), repeat(())))))
+        dicts = _role_dicts(tuple(r for r, _ in suffixes), [by_role[sfx] for _, sfx in suffixes])
+        made.update(zip(picked(modules), map(_param_plan, zip(picked(specs), dicts, picked(scheme), repeat(())))))
+
+
+def _suffixes(q: ModuleQuant | DSV4Error) -> tuple[tuple[str, str], ...] | None:
+    """(canonical role, on-disk suffix) pairs a scheme reads; None for a module that fits no scheme."""
+    return None if isinstance(q, DSV4Error) else tuple(q.roles.items())
 
 
 def _role_dicts(roles: tuple[str, ...], cols: list[list[AnySource]]) -> list[dict[str, AnySource]]:

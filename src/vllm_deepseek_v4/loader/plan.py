@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any, Iterable
 
 from ..checkpoint import Checkpoint, TensorInfo, scan_checkpoint
+from ..checkpoint.format import getter
 from ..checkpoint.scan import gc_paused
 from ..config import DSV4Config, load_config
 from ..errors import PlanError
 from ..naming import CONVENTIONS, Resolver, Rule
 from .account import SHARED, Found, account
 from .config_check import quant_config_disagreements
-from .expected import expected_params
+from .expected import ParamSpec, expected_params
 from .records import (FOREIGN_MTP, MTP_DROPPED, MTP_ONLY, NAMING, UNMAPPED, AnySource, ParamPlan,
                       Problem, Source, part_of)
 
@@ -75,19 +76,22 @@ class LoadPlan:
     def quant_report(self) -> dict[str, dict[str, str]]:
         """Scheme per quant group, separately for the trunk and for each MTP layer."""
         seen: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-        linears = [pp for pp in self.params.values() if pp.quant is not None]
-        kinds = set(zip(map(attrgetter("spec.part"), linears), map(attrgetter("spec.group"), linears),
-                        map(attrgetter("quant.scheme"), linears)))        # a few distinct of 35k parameters
-        for part, group, scheme in kinds:
+        linears = list(filter(getter(ParamPlan, "quant"), self.params.values()))
+        specs, quants = list(map(getter(ParamPlan, "spec"), linears)), list(map(getter(ParamPlan, "quant"), linears))
+        quant_of = dict(zip(map(id, quants), quants))       # the few schemes 35k parameters share
+        for part, group, q in set(zip(map(getter(ParamSpec, "part"), specs), map(getter(ParamSpec, "group"), specs),
+                                      map(id, quants))):
             if group != "head":
-                seen[part][group].add(scheme)
+                seen[part][group].add(quant_of[q].scheme)
         return {part: {g: (s.pop() if len(s) == 1 else "mixed:" + "+".join(sorted(s))) for g, s in sorted(groups.items())}
                 for part, groups in sorted(seen.items(), key=lambda kv: (kv[0] != "main", kv[0]))}
 
-    def mtp_report(self) -> dict[str, Any]:
+    def mtp_report(self, planned: set[str] | None = None) -> dict[str, Any]:
+        """Whether the MTP draft is complete, and where its shared embed/head come from (``planned``: the
+        parts that have parameters, if known)."""
         n = self.cfg.n_mtp_layers if self.include_mtp else 0
         parts = {f"mtp.{k}" for k in range(n)}
-        complete = (bool(parts) and parts <= self._parts()
+        complete = (bool(parts) and parts <= (self._parts() if planned is None else planned)
                     and not any(p.part != "main" for p in self.missing + self.errors))
         shared = {}
         for key, label in (("embed.weight", "embed"), ("head", "head")):
@@ -99,15 +103,15 @@ class LoadPlan:
 
     def _parts(self) -> set[str]:
         """The parts (``main``, ``mtp.K``) that have at least one planned parameter."""
-        return set(map(attrgetter("spec.part"), self.params.values()))
+        return set(map(getter(ParamSpec, "part"), map(getter(ParamPlan, "spec"), self.params.values())))
 
     def to_json(self) -> dict[str, Any]:
-        ck = self.checkpoint
+        ck, planned = self.checkpoint, self._parts()
         return {"path": self.path, "ok": self.ok, "tensors": len(ck.tensors), "bytes": ck.total_bytes,
                 "files": len(ck.files), "naming": self.naming, "num_hidden_layers": self.cfg.n_layers,
-                "mtp_layers": len({p for p in self._parts() if p.startswith("mtp.")}),
+                "mtp_layers": len(planned - {"main"}),
                 "unmapped": [p.as_json() for p in self.unmapped], "missing": [p.as_json() for p in self.missing],
-                "errors": [p.as_json() for p in self.errors], "mtp": self.mtp_report(),
+                "errors": [p.as_json() for p in self.errors], "mtp": self.mtp_report(planned),
                 "quant": self.quant_report(), "explained": self.explained, "warnings": self.warnings}
 
 
@@ -158,7 +162,9 @@ def _resolve(ck: Checkpoint, cfg: DSV4Config) -> tuple[list[Found], list[Problem
 
 def _source(info: TensorInfo, shape: tuple[int, ...], ops: tuple[tuple, ...]) -> AnySource:
     """A piece of tensor ``info``: the tensor itself when the piece is all of it."""
-    return info if not ops and shape == info.shape else Source(info.name, info.file, info.dtype, shape, ops)
+    if not ops and shape == info.shape:
+        return info
+    return Source(tensor=info.name, dtype=info.dtype, shape=shape, file=info.file, ops=ops)
 
 
 def _check_mtp(plan: LoadPlan) -> None:

@@ -21,15 +21,19 @@ __all__ = ["Source", "AnySource", "ParamPlan", "Problem", "part_of", "UNMAPPED",
 class Source(NamedTuple):
     """A slice of an on-disk tensor (after ``ops``) that fills a parameter role.
 
-    A whole tensor fills a role as its ``TensorInfo``, which reads the same (``tensor``, ``file``, ``dtype``,
-    ``shape``, ``ops == ()``): 69k whole tensors in Flash, no copy of each.
+    A whole tensor fills a role as its ``TensorInfo``, which reads the same (``tensor``, ``dtype``, ``shape``,
+    ``file``, ``ops == ()``): 69k whole tensors in Flash, no copy of each. The first four fields sit where
+    ``TensorInfo`` has name, dtype, shape and file, so one positional getter reads either (``getter``).
     """
 
     tensor: str
-    file: str
     dtype: str
     shape: tuple[int, ...]
+    file: str
     ops: tuple[tuple, ...] = ()
+
+
+assert Source._fields[1:4] == TensorInfo._fields[1:4] == ("dtype", "shape", "file")
 
 
 AnySource = Union[Source, TensorInfo]       # what fills a role: a slice, or a whole tensor

@@ -75,17 +75,19 @@ def _digit_runs(form: str) -> tuple[list[tuple[int, int]], list[int]]:
     return runs, pinned
 
 
-def forms(keys: Sequence[str]) -> list[Form]:
-    """Group ``keys`` by digit-blanked form."""
-    text = "\n".join(keys)
-    if text.isascii() and "#" not in text and text.count("\n") == len(keys) - 1:
+def forms(keys: Sequence[str], text: str | None = None) -> list[Form]:
+    """Group ``keys`` by digit-blanked form (``text``: the keys joined by newlines, if at hand)."""
+    text = "\n".join(keys) if text is None else text
+    lines = text.encode("ascii").translate(_BLANK).split(b"\n") if text.isascii() and "#" not in text else []
+    if keys and len(lines) == len(keys):        # (one more line than names: a name holds a newline)
         regular, odd = range(len(keys)), []
     else:                                       # rare: each name the bytes pass cannot blank is its own group
         odd = [i for i, k in enumerate(keys) if not k.isascii() or "#" in k or "\n" in k]
         regular = sorted(set(range(len(keys))).difference(odd))
         text = "\n".join(map(keys.__getitem__, regular))
+        lines = text.encode("ascii").translate(_BLANK).split(b"\n") if regular else []
     by_form: dict[bytes, list[int]] = {}
-    for i, form in zip(regular, text.encode("ascii").translate(_BLANK).split(b"\n") if regular else ()):
+    for i, form in zip(regular, lines):
         try:
             by_form[form].append(i)
         except KeyError:

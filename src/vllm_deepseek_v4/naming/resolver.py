@@ -87,8 +87,10 @@ class Resolver:
         self.cfg, self.rules = cfg, tuple(rules)
         self._coarse = _checked_index(RULES if self.rules == RULES else self.rules)
         self._by_coarse: dict[str, tuple[Rule, ...]] = {}
-        # a canonical "layers.N." with N >= L at the start of a line of "\n" + a batch's text
-        self._mtp_layer = re.compile(r"\nlayers\." + at_least(cfg.n_layers) + r"\.")
+        # a canonical "layers.N." with N >= L: at the start of a batch's text, or after a newline in it (two
+        # patterns, so that each scans for its literal start)
+        layer = r"layers\." + at_least(cfg.n_layers) + r"\."
+        self._mtp_first, self._mtp_later = re.compile(layer), re.compile("\n" + layer)
 
     def candidates(self, form: str) -> tuple[Rule, ...]:
         """Every rule that can match a name of digit-blanked form ``form``, in table order."""
@@ -101,9 +103,9 @@ class Resolver:
 
     def resolve_names(self, names: Sequence[str], shape_of: Callable[[int], tuple[int, ...]]) -> Resolution:
         """Resolve every name; ``shape_of(i)`` is the shape of tensor ``names[i]`` (read only for fused ones)."""
-        keys = _unaliased(names)
+        keys, text = _unaliased(names)
         out = Resolution()
-        for f in forms(keys):
+        for f in forms(keys, text):
             found = [self._matches(keys[i], f.form) for i in f.firsts()]
             if len(found) == 1 or self._alike(found):
                 self._settle(found[0], f.index, f.runs, names, keys, shape_of, out)
@@ -144,7 +146,7 @@ class Resolver:
         names = list(map(keys.__getitem__, index))
         canonical = names if id(rule) in self._coarse.identity else renamed(rule, match, runs, names)
         text = "\n".join(canonical)
-        if rule.mtp_only or self._mtp_layer.search("\n" + text):      # some name sits in an MTP layer
+        if rule.mtp_only or self._mtp_first.match(text) or self._mtp_later.search(text):   # in an MTP layer
             placed = [self._place_mtp(c, rule) for c in canonical]
             out.misplaced += [(i, rule, problem) for i, (_, problem) in zip(index, placed) if problem]
             index = [i for i, (_, problem) in zip(index, placed) if not problem]
@@ -241,11 +243,13 @@ class Resolver:
         return pieces
 
 
-def _unaliased(names: Sequence[str]) -> list[str]:
-    """``names`` with whole-prefix spellings normalised (``PREFIX_ALIASES``), as the rules spell them."""
+def _unaliased(names: Sequence[str]) -> tuple[list[str], str]:
+    """``names`` with whole-prefix spellings normalised (``PREFIX_ALIASES``), as the rules spell them, and
+    joined by newlines."""
     keys = list(names)
-    text = "\n" + "\n".join(keys)
+    text = "\n".join(keys)
     for old, new, _ in PREFIX_ALIASES:
-        if "\n" + old in text:
+        if text.startswith(old) or "\n" + old in text:
             keys = [new + k[len(old):] if k.startswith(old) else k for k in keys]
-    return keys
+            text = "\n".join(keys)
+    return keys, text
