@@ -1,6 +1,6 @@
 """DSv4 attention: low-rank queries, one shared K=V latent, sliding window + compressed entries, sink.
 
-Arch doc section 5. Per layer ratio ``r = compress_ratios[layer]``:
+``docs/dsv4-architecture.md`` §5. Per layer ratio ``r = compress_ratios[layer]``:
 
 - ``r == 0``: sliding window only, plain RoPE (``rope_theta``);
 - ``r == 4`` (CSA): window + the indexer's top-k among the completed compressed entries;
@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import DSV4Config
 from ..kernels import dispatch
+from ..quant.groups import scheme_of
 from .compressor import CSA_RATIO, Compressor, Indexer, windows_pooled
 from .kv_store import KVStore, Rows, Segment
 from .linear import QLinear
@@ -43,7 +44,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.ratio = cfg, cfg.ratio(layer_id)
         H, d, G = cfg.n_heads, cfg.head_dim, cfg.o_groups
-        s = schemes["attn"]
+        s = scheme_of(schemes, "attn")
         self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32), requires_grad=False)
         self.wq_a = QLinear(cfg.dim, cfg.q_lora_rank, s, dtype=dtype)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, dtype=dtype)
@@ -53,7 +54,7 @@ class Attention(nn.Module):
         self.wo_a = QLinear(H * d // G, G * cfg.o_lora_rank, s, dtype=dtype)       # grouped: [G*o_lora, H*d/G]
         self.wo_b = QLinear(G * cfg.o_lora_rank, cfg.dim, s, dtype=dtype)
         if self.ratio > 0:
-            self.compressor = Compressor(cfg, self.ratio, d, schemes["compressor"], dtype=dtype)
+            self.compressor = Compressor(cfg, self.ratio, d, scheme_of(schemes, "attn.compressor"), dtype=dtype)
         if self.ratio == CSA_RATIO:
             self.indexer = Indexer(cfg, schemes, dtype=dtype)
 

@@ -5,16 +5,14 @@ import torch
 from torch import nn
 
 from ..config import DSV4Config
+from ..quant.groups import GROUPS
 from .attention import Attention
 from .hyper import hc_post, hc_pre
 from .kv_store import KVStore
 from .moe import MoE
 from .primitives import RMSNorm
 
-__all__ = ["GROUPS", "Block", "f32"]
-
-# Scheme groups of one block (+ the MTP-only projections); see ``model.resolve_schemes``.
-GROUPS = ("attn", "compressor", "indexer", "router", "experts", "shared_experts", "e_proj", "h_proj")
+__all__ = ["GROUPS", "Block", "f32"]     # GROUPS: a block's scheme groups, from quant/groups.py
 
 
 def f32(*shape: int) -> nn.Parameter:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import DSV4Config
 from ..kernels import dispatch
+from ..quant.groups import scheme_of
 from .linear import QLinear
 from .primitives import RMSNorm, apply_rope, rope_inv_freq
 
@@ -81,9 +82,11 @@ class Indexer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
-        self.wq_b = QLinear(cfg.q_lora_rank, self.n_heads * self.head_dim, schemes["indexer"], dtype=dtype)
-        self.weights_proj = QLinear(cfg.dim, self.n_heads, schemes["router"], dtype=dtype)
-        self.compressor = Compressor(cfg, CSA_RATIO, self.head_dim, schemes["compressor"], dtype=dtype)
+        self.wq_b = QLinear(cfg.q_lora_rank, self.n_heads * self.head_dim, scheme_of(schemes, "attn.indexer.wq_b"),
+                            dtype=dtype)
+        self.weights_proj = QLinear(cfg.dim, self.n_heads, scheme_of(schemes, "attn.indexer.weights_proj"), dtype=dtype)
+        self.compressor = Compressor(cfg, CSA_RATIO, self.head_dim, scheme_of(schemes, "attn.indexer.compressor"),
+                                     dtype=dtype)
 
     def select(self, x: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
                visible: torch.Tensor) -> torch.Tensor:

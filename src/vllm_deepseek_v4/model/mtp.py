@@ -12,6 +12,7 @@ import torch
 from ..config import DSV4Config
 from ..errors import TensorShapeError
 from ..kernels import dispatch
+from ..quant.groups import scheme_of
 from .block import Block, f32
 from .hyper import hc_head
 from .kv_store import KVStore
@@ -27,8 +28,8 @@ class MTPBlock(Block):
     def __init__(self, cfg: DSV4Config, k: int, schemes: dict[str, str], *, dtype: torch.dtype) -> None:
         super().__init__(cfg, cfg.n_layers + k, schemes, dtype=dtype)
         D, N = cfg.dim, cfg.hc_mult
-        self.e_proj = QLinear(D, D, schemes["e_proj"], dtype=dtype)
-        self.h_proj = QLinear(D, D, schemes["h_proj"], dtype=dtype)
+        self.e_proj = QLinear(D, D, scheme_of(schemes, "e_proj"), dtype=dtype)
+        self.h_proj = QLinear(D, D, scheme_of(schemes, "h_proj"), dtype=dtype)
         self.enorm = RMSNorm(D, cfg.norm_eps, dtype=dtype)
         self.hnorm = RMSNorm(D, cfg.norm_eps, dtype=dtype)
         self.norm = RMSNorm(D, cfg.norm_eps, dtype=dtype)

@@ -67,7 +67,7 @@ class DSV4ForCausalLM(nn.Module):
         self.plan = build_plan(model_path(mc), include_mtp=False)
         self.plan.raise_if_bad()
         full = self.plan.cfg
-        self.cfg = full.replace(n_mtp_layers=0, compress_ratios=full.compress_ratios[: full.n_layers])
+        self.cfg = full.without_mtp()
         self.dtype: torch.dtype = mc.dtype
         self.schemes = schemes_from_plan(self.plan).get("main", {})
         with torch.device("meta"):
