@@ -263,7 +263,8 @@ def _size_error(dtype: str, shape: list[int], start: int, end: int, nbytes: int 
     if nbytes is None:
         return (f"{dtype} shape {shape} does not fill whole bytes", "a multiple of 8 bits",
                 f"{math.prod(shape) * DTYPE_BITS[dtype]} bits")
-    return f"data_offsets [{start}, {end}] disagree with {dtype} shape {shape}", f"{nbytes} bytes", f"{end - start} bytes"
+    return (f"data_offsets [{start}, {end}] disagree with {dtype} shape {shape}", f"{nbytes} bytes",
+            f"{end - start} bytes")
 
 
 def _refuse_tiling(path: str, infos: list[TensorInfo], data_len: int) -> NoReturn:

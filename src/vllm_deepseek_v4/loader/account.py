@@ -4,7 +4,7 @@ Resolved tensors arrive as columns (``Found``): the names one naming rule rename
 names are all one role of expected linear modules (``layers.N.ffn.experts.E.w1.scale``) stays a column; any
 other name is sorted on its own -- a plain parameter, a role of a linear module (such roles are gathered
 into columns too), or a name the config does not have. The modules are then partitioned by the columns
-that fill them (``_cells``); in a cell every module has the same roles, so each distinct (logical shape,
+that fill them (``cells.cells``); in a cell every module has the same roles, so each distinct (logical shape,
 role dtypes and shapes) is classified once: Flash's 34k expert modules are a handful of kinds. A cell
 where one role comes from two columns is settled module by module: the shared embed/head keep their
 top-level copy and check the others as aliases, any other parameter filled twice is an error.
@@ -181,9 +181,11 @@ def _check_plain(spec: ParamSpec, src: AnySource) -> Problem | None:
         return Problem(SHAPE, spec.part, src.tensor, src.file,
                        f"expected shape {list(spec.shape)} for {spec.name}, found {list(src.shape)}")
     if spec.kind == INDEX and src.dtype not in ("I64", "I32"):
-        return Problem(DTYPE, spec.part, src.tensor, src.file, f"expected dtype I64 or I32 (expert ids), found {src.dtype}")
+        return Problem(DTYPE, spec.part, src.tensor, src.file,
+                       f"expected dtype I64 or I32 (expert ids), found {src.dtype}")
     if spec.kind == FLOAT and src.dtype not in FLOAT_DTYPES:
-        return Problem(DTYPE, spec.part, src.tensor, src.file, f"expected a float dtype (BF16/F16/F32), found {src.dtype}")
+        return Problem(DTYPE, spec.part, src.tensor, src.file,
+                       f"expected a float dtype (BF16/F16/F32), found {src.dtype}")
     return None
 
 
@@ -324,7 +326,8 @@ def _unexpected(canon: str, src: AnySource, cfg: DSV4Config, include_mtp: bool, 
     elif part != "main" and int(part[4:]) >= cfg.n_mtp_layers:
         out.problems.append(Problem(EXTRA_MTP_LAYER, part, src.tensor, src.file,
                                     f"MTP layer {part[4:]} but config declares num_nextn_predict_layers="
-                                    f"{cfg.n_mtp_layers} (a DSpark-style multi-stage drafter is not a method=mtp block)"))
+                                    f"{cfg.n_mtp_layers} (a DSpark-style multi-stage drafter is not a method=mtp "
+                                    "block)"))
     else:
         out.problems.append(Problem(UNEXPECTED, part, src.tensor, src.file, f"maps to {canon}, which this config "
                                     "does not have (layer type, count or shape mismatch)"))

@@ -83,7 +83,8 @@ class LoadPlan:
                                       map(id, quants))):
             if group != "head":
                 seen[part][group].add(quant_of[q].scheme)
-        return {part: {g: (s.pop() if len(s) == 1 else "mixed:" + "+".join(sorted(s))) for g, s in sorted(groups.items())}
+        return {part: {g: (s.pop() if len(s) == 1 else "mixed:" + "+".join(sorted(s)))
+                       for g, s in sorted(groups.items())}
                 for part, groups in sorted(seen.items(), key=lambda kv: (kv[0] != "main", kv[0]))}
 
     def mtp_report(self, planned: set[str] | None = None) -> dict[str, Any]:
@@ -132,7 +133,8 @@ def build_plan(path: str, *, cfg: DSV4Config | None = None, include_mtp: bool = 
 
 
 # ---- steps ----
-def _resolve(ck: Checkpoint, cfg: DSV4Config) -> tuple[list[Found], list[Problem], list[dict[str, str]], set[str] | None]:
+def _resolve(ck: Checkpoint, cfg: DSV4Config
+             ) -> tuple[list[Found], list[Problem], list[dict[str, str]], set[str] | None]:
     """Resolve every tensor name: the columns of renamed tensors, the naming problems and the tensors dropped
     on purpose (each in tensor order), and the naming conventions common to all resolved names."""
     infos = list(ck.tensors.values())
@@ -142,7 +144,8 @@ def _resolve(ck: Checkpoint, cfg: DSV4Config) -> tuple[list[Found], list[Problem
     for b in res.batches:
         sources = list(map(infos.__getitem__, b.index))
         if b.canonical is None:
-            dropped += [(i, {"name": t.name, "file": t.file, "reason": b.rule.reason}) for i, t in zip(b.index, sources)]
+            dropped += [(i, {"name": t.name, "file": t.file, "reason": b.rule.reason})
+                        for i, t in zip(b.index, sources)]
         else:
             found.append(Found(b.canonical, sources, b.index, b.text))
     if res.fused:

@@ -46,7 +46,7 @@ class Resolution:
     batches: list[Batch] = field(default_factory=list)             # whole tensors renamed (or dropped) by a rule
     fused: list[tuple[int, Rule, list[Piece]]] = field(default_factory=list)   # tensors cut into pieces
     unmapped: list[int] = field(default_factory=list)              # names no rule matches
-    refused: list[tuple[int, DSV4Error]] = field(default_factory=list)   # several rules match; a shape that does not cut
+    refused: list[tuple[int, DSV4Error]] = field(default_factory=list)   # several rules match, or a bad cut
     misplaced: list[tuple[int, Rule, str]] = field(default_factory=list)  # an MTP-only name below layer L: why
 
 
@@ -231,8 +231,8 @@ class Resolver:
                                    found=list(shape))
         sizes = [s * total // want for s in logical]
         if sum(sizes) != total or any(s * want != n * total for s, n in zip(sizes, logical)):
-            raise TensorShapeError(tensor=name, expected=f"parts {uf.parts} of sizes {logical} to split dim {stored_dim} "
-                                   f"evenly ({role})", found=list(shape))
+            raise TensorShapeError(tensor=name, expected=f"parts {uf.parts} of sizes {logical} to split dim "
+                                   f"{stored_dim} evenly ({role})", found=list(shape))
         pieces, start = [], 0
         for part, n in zip(uf.parts, sizes):
             pshape = list(shape)
