@@ -11,9 +11,13 @@ import re
 from typing import Any, Iterable, Mapping, Protocol
 
 from ..config import DSV4Config
+from ..quant import SCHEMES
 from .records import ParamPlan
 
 __all__ = ["quant_config_disagreements", "expected_scheme_ct"]
+
+# quant_method -> the format it declares (the schemes' ``methods``: fp8 -> fp8_block, modelopt* -> nvfp4)
+_METHOD_SCHEME = {m: s.name for s in SCHEMES.values() for m in s.methods}
 
 
 class LoadPlan(Protocol):
@@ -42,21 +46,16 @@ def expected_scheme_ct(group: dict[str, Any]) -> str:
     w = group.get("weights") or {}
     fmt = str(group.get("format") or "")
     bits, typ = w.get("num_bits"), w.get("type")
-    if "mxfp4" in fmt:
-        return "mxfp4"
-    if bits == 4 and typ == "float":
-        return "nvfp4"
-    if bits == 4 and typ == "int":
-        return "w4a16"
-    if bits == 8 and typ == "float":
-        return "fp8_block"
-    return f"unknown({bits}-bit {typ})"
+    # a format named in ``format`` first: mxfp4 shares 4-bit float weights with nvfp4
+    named = [s.name for s in SCHEMES.values() if s.ct_format and s.ct_format in fmt]
+    by_weights = [s.name for s in SCHEMES.values() if s.ct_weights == (bits, typ)]
+    return (named + by_weights + [f"unknown({bits}-bit {typ})"])[0]
 
 
 def quant_config_disagreements(plan: "LoadPlan") -> list[str]:
     qc = plan.cfg.quantization_config or {}
     method = qc.get("quant_method")
-    if method not in ("compressed-tensors", "fp8", "modelopt", "modelopt_fp4"):
+    if method != "compressed-tensors" and method not in _METHOD_SCHEME:
         return []
     linears = [(name, pp) for name, pp in plan.params.items() if pp.quant is not None]
     out: list[str] = []
@@ -73,7 +72,7 @@ def quant_config_disagreements(plan: "LoadPlan") -> list[str]:
             if want != pp.scheme and not (want == "bf16" and pp.quant.variant == "deepseek"):
                 out.append(f"{disk}: quantization_config says {want}"
                            f"{' (ignored)' if ignored else ''}, tensors on disk are {pp.scheme}; trusting the tensors")
-    elif method == "fp8" and linears and not any(pp.scheme == "fp8_block" for _, pp in linears):
+    elif method == "fp8" and linears and not any(pp.scheme == _METHOD_SCHEME[method] for _, pp in linears):
         out.append("quantization_config says fp8 but no module on disk is FP8; trusting the tensors")
     elif method in ("modelopt", "modelopt_fp4"):
         q = qc.get("quantization") or qc
@@ -81,6 +80,6 @@ def quant_config_disagreements(plan: "LoadPlan") -> list[str]:
         for name, pp in linears:
             disk = pp.roles[next(iter(pp.roles))].tensor.rsplit(".", 1)[0]
             names = _candidates(plan, name, disk)
-            if pp.scheme == "nvfp4" and any(fnmatch.fnmatchcase(n, e) for n in names for e in excl):
+            if pp.scheme == _METHOD_SCHEME[method] and any(fnmatch.fnmatchcase(n, e) for n in names for e in excl):
                 out.append(f"{disk}: excluded by hf_quant_config exclude_modules but NVFP4 on disk; trusting the tensors")
     return out[:50] + ([f"... {len(out) - 50} more"] if len(out) > 50 else [])
