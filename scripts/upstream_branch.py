@@ -285,12 +285,10 @@ def main() -> int:
     tree = Path(args.tree).resolve()
     try:
         out = build(tree, args.branch)
-    except Refused as e:
-        print(f"upstream_branch: refused: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"upstream_branch: failed: {e}", file=sys.stderr)
-        return 1
+    except (Refused, RuntimeError) as e:     # refused: wrong tree or unportable code (2); failed: an anchor or git (1)
+        refused = isinstance(e, Refused)
+        print(f"upstream_branch: {'refused' if refused else 'failed'}: {e}", file=sys.stderr)
+        return 2 if refused else 1
     print(f"branch {args.branch} in {tree}: {len(out['copied'])} modules copied to {DEST} "
           f"({len(out['torch_free'])} planner modules, none imports torch at import time), "
           f"{len(out['patched'])} vLLM files patched, {len(out['tests'])} test files")

@@ -21,23 +21,18 @@ from typing import Any
 
 import torch
 
-# Every DSv4 layer type at the smallest size vLLM's GPU classes accept (see the module docstring).
-GEOMETRY: dict[str, Any] = {
-    "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
-    "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1,
-    "head_dim": 512, "qk_rope_head_dim": 64, "q_lora_rank": 128, "o_groups": 2, "o_lora_rank": 128,
-    "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-    "num_hash_layers": 1, "num_nextn_predict_layers": 1, "compress_ratios": [0, 4, 128, 0, 0],
-    "index_n_heads": 4, "index_head_dim": 128, "index_topk": 16, "sliding_window": 32,
-    "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "rms_norm_eps": 1e-6,
-    "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc", "norm_topk_prob": True,
-    "routed_scaling_factor": 1.5, "swiglu_limit": 10.0, "hidden_act": "silu",
-    "rope_theta": 10000.0, "compress_rope_theta": 160000.0,
-    "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
-                     "beta_fast": 32, "beta_slow": 1},
-    "max_position_embeddings": 1024, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "vocab_size": 4096, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
-}
+from vllm_deepseek_v4.devtools.artifacts import make_config
+
+# Every DSv4 layer type at the smallest size vLLM's GPU classes accept (see the module docstring): the test
+# artifacts' tiny config with vLLM's geometry (head_dim 512, index_head_dim 128, 128-aligned dims) and the
+# shipped tokenizer's vocabulary and special ids.
+GEOMETRY: dict[str, Any] = make_config(
+    hidden_size=128, num_hidden_layers=4, num_attention_heads=2, head_dim=512, qk_rope_head_dim=64,
+    q_lora_rank=128, o_lora_rank=128, n_routed_experts=8, moe_intermediate_size=128,
+    compress_ratios=[0, 4, 128, 0, 0], index_n_heads=4, index_head_dim=128, index_topk=16, sliding_window=32,
+    hidden_act="silu", max_position_embeddings=1024, vocab_size=4096, bos_token_id=0, eos_token_id=1,
+    pad_token_id=2, rope_theta=10000.0, compress_rope_theta=160000.0,
+)
 # fp32 in the official checkpoint (hc mixers, sinks, router biases, compressor ape); bf16 elsewhere
 _FP32_MARKS = ("hc_", "attn_sink", "gate.bias", ".ape")
 

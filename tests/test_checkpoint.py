@@ -187,32 +187,28 @@ def test_missing_shard_error_names_shard_and_index(tmp_path: Path) -> None:
         scan_checkpoint(tmp_path)
 
 
-def test_tensor_listed_in_index_but_missing_from_shard_error_names_file_and_tensor(tmp_path: Path) -> None:
+# (edit of the index's weight_map, shard the error names, tensor it names, reason)
+INDEX_EDITS = {
+    "listed in index, missing from shard": (
+        lambda wmap: wmap.update({"a.ghost": "m-1.safetensors"}), "m-1.safetensors", "a.ghost",
+        f"tensor listed in index but missing from shard header: expected it in m-1.safetensors ({INDEX}), "
+        "found no such tensor"),
+    "in shard, not in index": (
+        lambda wmap: wmap.pop("b.w"), "m-2.safetensors", "b.w",
+        f"tensor not in index: expected it listed in {INDEX}, found no entry"),
+    "in another shard than the index says": (
+        lambda wmap: wmap.update({"b.w": "m-1.safetensors"}), "m-2.safetensors", "b.w",
+        f"tensor in another shard than the index says: expected it in m-1.safetensors ({INDEX}), "
+        "found it in m-2.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_EDITS))
+def test_index_disagreeing_with_shards_error_names_file_and_tensor(tmp_path: Path, case: str) -> None:
+    edit, shard, tensor, reason = INDEX_EDITS[case]
     two_shards(tmp_path)
-    edit_index(tmp_path, lambda wmap: wmap.update({"a.ghost": "m-1.safetensors"}))
-    with pytest.raises(CheckpointError, match=msg(
-            tmp_path / "m-1.safetensors", "a.ghost",
-            f"tensor listed in index but missing from shard header: expected it in m-1.safetensors ({INDEX}), "
-            "found no such tensor")):
-        scan_checkpoint(tmp_path)
-
-
-def test_tensor_in_shard_but_not_in_index_error_names_file_and_tensor(tmp_path: Path) -> None:
-    two_shards(tmp_path)
-    edit_index(tmp_path, lambda wmap: wmap.pop("b.w"))
-    with pytest.raises(CheckpointError, match=msg(
-            tmp_path / "m-2.safetensors", "b.w",
-            f"tensor not in index: expected it listed in {INDEX}, found no entry")):
-        scan_checkpoint(tmp_path)
-
-
-def test_tensor_in_other_shard_than_index_says_error_names_both_files(tmp_path: Path) -> None:
-    two_shards(tmp_path)
-    edit_index(tmp_path, lambda wmap: wmap.update({"b.w": "m-1.safetensors"}))
-    with pytest.raises(CheckpointError, match=msg(
-            tmp_path / "m-2.safetensors", "b.w",
-            f"tensor in another shard than the index says: expected it in m-1.safetensors ({INDEX}), "
-            "found it in m-2.safetensors")):
+    edit_index(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=msg(tmp_path / shard, tensor, reason)):
         scan_checkpoint(tmp_path)
 
 

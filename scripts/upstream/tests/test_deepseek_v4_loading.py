@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 TREE = HERE.parents[2]
 sys.path.insert(0, str(HERE))
-from cpu_standins import HF_OVERRIDES, cpu_standins  # noqa: E402
+from cpu_standins import HF_OVERRIDES, cpu_standins, ensure_distributed  # noqa: E402
 
 LAYOUTS = {k: v for k, v in json.loads((HERE / "layouts.json").read_text()).items() if not k.startswith("_")}
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": torch.float8_e4m3fn,
@@ -71,12 +70,6 @@ def write_artifact(layout: str, out: Path) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def vllm_config(path: Path):
     from vllm.config import ModelConfig, ParallelConfig, SpeculativeConfig, VllmConfig
 
@@ -85,18 +78,6 @@ def vllm_config(path: Path):
     pc = ParallelConfig(tensor_parallel_size=1)
     sc = SpeculativeConfig(method="mtp", num_speculative_tokens=1, target_model_config=mc, target_parallel_config=pc)
     return VllmConfig(model_config=mc, parallel_config=pc, speculative_config=sc)
-
-
-def ensure_distributed(vc) -> None:
-    from vllm.config import set_current_vllm_config
-    from vllm.distributed import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        return
-    with set_current_vllm_config(vc):
-        if ps._WORLD is None:
-            ps.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
-        ps.initialize_model_parallel(1, 1)
 
 
 def build_and_load(path: Path, platform: str = "nvidia"):

@@ -9,11 +9,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import socket
 from collections.abc import Iterator
 from typing import Any
 
-from .standins import HF_OVERRIDES
+from .standins import HF_OVERRIDES, ensure_distributed
 
 __all__ = ["vllm_missing", "make_vllm_config", "ensure_distributed", "construct", "VLLM_CLASSES", "tp_rank_view",
            "INSTALL_HINT"]
@@ -73,25 +72,6 @@ def _max_len(path: str) -> int:
             return int(json.load(f).get("max_position_embeddings", 4096))
     except (OSError, ValueError, TypeError):
         return 4096
-
-
-def ensure_distributed(vllm_config: Any) -> None:
-    """A one-process gloo group and model-parallel state (TP = PP = 1), created once per process."""
-    from vllm.config import set_current_vllm_config
-    from vllm.distributed import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        return
-    with set_current_vllm_config(vllm_config):
-        if ps._WORLD is None:
-            ps.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
-        ps.initialize_model_parallel(1, 1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import os
 from typing import Any, Iterable
 
 from .loader import load_class, module_schemes
-from .quant_config import choose_family, make_quant_config
+from .quant_config import choose_family, extra_ignored, make_quant_config
 
 __all__ = ["plan_for", "mtp_quant_config", "load_weights_from_plan", "model_path", "model_quant_config",
            "with_quant_config",
@@ -70,13 +70,6 @@ def plan_for(path: str) -> Any:
     return plan
 
 
-def _extra_ignored(kind: str, plan: Any) -> list[str]:
-    if kind == "target":
-        return ["model.embed_tokens", "lm_head"]
-    L = plan.cfg.n_layers
-    return ["model.embed_tokens"] + [f"model.layers.{L + k}.shared_head.head" for k in range(plan.cfg.n_mtp_layers)]
-
-
 def _raise_plan(plan: Any) -> None:
     if not plan.ok:
         raise PlanLoadError(f"{plan_path(plan)}: the checkpoint cannot be loaded:\n  " +
@@ -98,7 +91,7 @@ def mtp_quant_config(vllm_config: Any, default: Any) -> Any:
     choice = choose_family(mods)
     if problems or choice.problems:
         raise PlanLoadError("the MTP draft's quant config cannot be built:\n  " + "\n  ".join(problems + choice.problems))
-    qc = make_quant_config(choice, extra_ignored=_extra_ignored("mtp", plan))
+    qc = make_quant_config(choice, extra_ignored=extra_ignored("mtp", plan))
     logger.info("DeepSeek-V4 MTP draft: own quant config %s (experts %s) from the draft's tensors",
                 type(qc).__name__ if qc is not None else "none", choice.experts)
     return qc

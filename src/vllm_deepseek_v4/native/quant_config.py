@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModuleScheme", "QuantChoice", "choose_family", "make_quant_config", "CT_WEIGHTS"]
+__all__ = ["ModuleScheme", "QuantChoice", "choose_family", "make_quant_config", "extra_ignored", "CT_WEIGHTS"]
 
 
 @dataclass(frozen=True)
@@ -195,3 +195,12 @@ def _deepseek_config_class() -> type:
     DetectedDeepseekV4FP8Config.__qualname__ = DetectedDeepseekV4FP8Config.__name__
     _CLASS.append(DetectedDeepseekV4FP8Config)
     return DetectedDeepseekV4FP8Config
+
+
+def extra_ignored(kind: str, plan: Any) -> list[str]:
+    """Embedding / LM-head modules of ``kind`` ("target" or "mtp"), never quantized here, so a
+    compressed-tensors config ignores them."""
+    if kind == "target":
+        return ["model.embed_tokens", "lm_head"]
+    L = plan.cfg.n_layers
+    return ["model.embed_tokens"] + [f"model.layers.{L + k}.shared_head.head" for k in range(plan.cfg.n_mtp_layers)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .loader import ClassReport, load_class, module_schemes
-from .quant_config import QuantChoice, choose_family, make_quant_config
+from .quant_config import QuantChoice, choose_family, extra_ignored, make_quant_config
 
 __all__ = ["NativeResult", "load_native"]
 
@@ -64,14 +64,6 @@ def _with_quant(vc: Any, qc: Any) -> Any:
     return out
 
 
-def _extra_ignored(kind: str, plan: Any) -> list[str]:
-    """Embedding / LM-head modules (never quantized here) so a compressed-tensors config ignores them."""
-    if kind == "target":
-        return ["model.embed_tokens", "lm_head"]
-    L = plan.cfg.n_layers
-    return ["model.embed_tokens"] + [f"model.layers.{L + k}.shared_head.head" for k in range(plan.cfg.n_mtp_layers)]
-
-
 def load_native(path: str, *, device: str = "meta", tp: int = 1, rank: int = 0, plan: Any = None,
                 with_mtp: bool = True) -> NativeResult:
     """Build vLLM's own target (and MTP draft) for ``path`` and load them through our plan.
@@ -109,7 +101,7 @@ def load_native(path: str, *, device: str = "meta", tp: int = 1, rank: int = 0, 
         ensure_distributed(vc)
         with tp_rank_view(tp, rank):
             for kind in kinds:
-                res.quant_configs[kind] = make_quant_config(res.quant[kind], extra_ignored=_extra_ignored(kind, plan))
+                res.quant_configs[kind] = make_quant_config(res.quant[kind], extra_ignored=extra_ignored(kind, plan))
             res.target = construct(vc, "target", device=device, quant_config=res.quant_configs["target"])
             res.reports["target"] = load_class(res.target, "target", plan, reader=reader, device=device,
                                                family=res.quant["target"].family,

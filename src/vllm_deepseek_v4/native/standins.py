@@ -8,10 +8,11 @@ Importing this module imports neither torch nor vLLM.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["STANDINS", "cpu_standins", "HF_OVERRIDES"]
+__all__ = ["STANDINS", "cpu_standins", "HF_OVERRIDES", "ensure_distributed"]
 
 # (what, why) -- documentation and the report's record of what was replaced
 STANDINS: tuple[tuple[str, str], ...] = (
@@ -150,3 +151,22 @@ def _nvfp4_linear_emulation(patch: Any) -> None:
     from vllm.model_executor.layers.quantization.compressed_tensors.schemes import compressed_tensors_w4a4_nvfp4 as m
 
     patch(m, "init_nvfp4_linear_kernel", lambda use_a16=False: EmulationNvFp4LinearKernel(NvFp4LinearLayerConfig()))
+
+
+def ensure_distributed(vllm_config: Any) -> None:
+    """A one-process gloo group and model-parallel state (TP = PP = 1), created once per process."""
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        return
+    with set_current_vllm_config(vllm_config):
+        if ps._WORLD is None:
+            ps.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
+        ps.initialize_model_parallel(1, 1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
