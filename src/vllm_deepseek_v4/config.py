@@ -9,6 +9,7 @@ whose ``compress_ratios`` always covers the MTP layers too.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -29,6 +30,20 @@ _OFFICIAL_TO_HF = {
 }
 _OFFICIAL_ROPE = {"original_seq_len": "original_max_position_embeddings", "rope_factor": "factor",
                   "beta_fast": "beta_fast", "beta_slow": "beta_slow"}
+
+
+# Fields that size a tensor or a loop: 0 or less is never a model (and some would divide by zero).
+_POSITIVE = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "rope_head_dim", "q_lora_rank", "o_groups",
+             "o_lora_rank", "n_routed_experts", "n_activated_experts", "moe_inter_dim", "window_size",
+             "index_n_heads", "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters")
+# DSV4Config field -> its config.json name, for messages (the reverse of the HF names used in ``from_dict``).
+_HF_NAME = {**{v: k for k, v in {"hidden_size": "dim", "num_hidden_layers": "n_layers",
+                                   "num_attention_heads": "n_heads", "qk_rope_head_dim": "rope_head_dim",
+                                   "num_experts_per_tok": "n_activated_experts",
+                                   "moe_intermediate_size": "moe_inter_dim", "num_hash_layers": "n_hash_layers",
+                                   "num_nextn_predict_layers": "n_mtp_layers", "sliding_window": "window_size",
+                                   }.items()},
+            "original_seq_len": "rope_scaling.original_max_position_embeddings"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,15 @@ class DSV4Config:
     dialect: str = field(default="hf", compare=False)
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE:
+            if getattr(self, name) < 1:
+                raise ConfigError(_HF_NAME.get(name, name), expected="a positive integer", found=getattr(self, name))
+        for name in ("n_shared_experts", "n_hash_layers", "n_mtp_layers", "original_seq_len"):
+            if getattr(self, name) < 0:
+                raise ConfigError(_HF_NAME.get(name, name), expected="an integer >= 0", found=getattr(self, name))
+        if self.n_activated_experts > self.n_routed_experts:
+            raise ConfigError("num_experts_per_tok", expected=f"at most n_routed_experts={self.n_routed_experts}",
+                              found=self.n_activated_experts)
         want = self.n_layers + self.n_mtp_layers
         if len(self.compress_ratios) != want:
             raise ConfigError("compress_ratios", expected=f"{want} entries (layers + MTP layers)",
@@ -101,10 +125,13 @@ class DSV4Config:
     # ---- construction ----
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DSV4Config:
-        """Read any dialect; unknown keys are ignored, missing required ones raise :class:`ConfigError`."""
+        """Read any dialect; unknown keys are ignored, missing required ones and values of the wrong type raise
+        :class:`ConfigError` naming the field."""
+        if not isinstance(raw, dict):
+            raise ConfigError("config", expected="a JSON object of DSv4 fields", found=type(raw).__name__)
         d = dict(raw)
         if "text_config" in d and "hidden_size" not in d:  # VL wrapper
-            d = {**d["text_config"], "quantization_config": d.get("quantization_config")}
+            d = {**_typed(d, "text_config", dict), "quantization_config": d.get("quantization_config")}
         dialect = "official" if ("dim" in d or "n_layers" in d) else "hf"
         if dialect == "official":
             for off, hf in _OFFICIAL_TO_HF.items():
@@ -113,32 +140,32 @@ class DSV4Config:
             rope = {hf: d[off] for off, hf in _OFFICIAL_ROPE.items() if off in d}
             if rope:
                 d.setdefault("rope_scaling", {"type": "yarn", **rope})
-        L = _req(d, "num_hidden_layers")
-        n_mtp = int(d.get("num_nextn_predict_layers", 0) or 0)
+        L = _int(d, "num_hidden_layers")
+        n_mtp = _int(d, "num_nextn_predict_layers", 0)
         ratios = _ratios(d, L, n_mtp)
         rope = _yarn(d)
         return cls(
-            vocab_size=_req(d, "vocab_size"), dim=_req(d, "hidden_size"), n_layers=L,
-            n_heads=_req(d, "num_attention_heads"), head_dim=int(d.get("head_dim", 512)),
-            rope_head_dim=int(d.get("qk_rope_head_dim") or _rope_dim_from_factor(d)),
-            q_lora_rank=_req(d, "q_lora_rank"), o_groups=_req(d, "o_groups"), o_lora_rank=_req(d, "o_lora_rank"),
-            n_routed_experts=_req(d, "n_routed_experts"), n_shared_experts=int(d.get("n_shared_experts", 1)),
-            n_activated_experts=_req(d, "num_experts_per_tok"), moe_inter_dim=_req(d, "moe_intermediate_size"),
+            vocab_size=_int(d, "vocab_size"), dim=_int(d, "hidden_size"), n_layers=L,
+            n_heads=_int(d, "num_attention_heads"), head_dim=_int(d, "head_dim", 512),
+            rope_head_dim=_int(d, "qk_rope_head_dim", 0) or _rope_dim_from_factor(d),
+            q_lora_rank=_int(d, "q_lora_rank"), o_groups=_int(d, "o_groups"), o_lora_rank=_int(d, "o_lora_rank"),
+            n_routed_experts=_int(d, "n_routed_experts"), n_shared_experts=_int(d, "n_shared_experts", 1),
+            n_activated_experts=_int(d, "num_experts_per_tok"), moe_inter_dim=_int(d, "moe_intermediate_size"),
             n_hash_layers=_hash_layers(d), n_mtp_layers=n_mtp, compress_ratios=ratios,
-            score_func=str(d.get("scoring_func", "sqrtsoftplus")),
-            route_scale=float(d.get("routed_scaling_factor", 1.0)),
-            norm_topk_prob=bool(d.get("norm_topk_prob", True)), swiglu_limit=float(d.get("swiglu_limit", 10.0)),
-            window_size=int(d.get("sliding_window", 128)), rope_theta=float(rope["main_theta"]),
-            compress_rope_theta=float(rope["compress_theta"]), rope_factor=float(rope["factor"]),
-            original_seq_len=int(rope["original"]), beta_fast=float(rope["beta_fast"]),
-            beta_slow=float(rope["beta_slow"]), index_n_heads=int(d.get("index_n_heads", 64)),
-            index_head_dim=int(d.get("index_head_dim", 128)), index_topk=int(d.get("index_topk", 512)),
-            hc_mult=int(d.get("hc_mult", 4)), hc_sinkhorn_iters=int(d.get("hc_sinkhorn_iters", 20)),
-            hc_eps=float(d.get("hc_eps", 1e-6)), norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 1 << 20)),
-            torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
-            quantization_config=d.get("quantization_config"), dialect=dialect,
+            score_func=_typed(d, "scoring_func", str, "sqrtsoftplus"),
+            route_scale=_float(d, "routed_scaling_factor", 1.0),
+            norm_topk_prob=_typed(d, "norm_topk_prob", bool, True), swiglu_limit=_float(d, "swiglu_limit", 10.0),
+            window_size=_int(d, "sliding_window", 128), rope_theta=rope["main_theta"],
+            compress_rope_theta=rope["compress_theta"], rope_factor=rope["factor"],
+            original_seq_len=int(rope["original"]), beta_fast=rope["beta_fast"],
+            beta_slow=rope["beta_slow"], index_n_heads=_int(d, "index_n_heads", 64),
+            index_head_dim=_int(d, "index_head_dim", 128), index_topk=_int(d, "index_topk", 512),
+            hc_mult=_int(d, "hc_mult", 4), hc_sinkhorn_iters=_int(d, "hc_sinkhorn_iters", 20),
+            hc_eps=_float(d, "hc_eps", 1e-6), norm_eps=_float(d, "rms_norm_eps", 1e-6),
+            tie_word_embeddings=_typed(d, "tie_word_embeddings", bool, False),
+            max_position_embeddings=_int(d, "max_position_embeddings", 1 << 20),
+            torch_dtype=str(_typed(d, "torch_dtype", str, "") or _typed(d, "dtype", str, "bfloat16")),
+            quantization_config=_typed(d, "quantization_config", dict, None), dialect=dialect,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -183,35 +210,86 @@ class DSV4Config:
 def load_config(path: str) -> DSV4Config:
     """Read ``config.json`` from an artifact directory (or a path to the json itself)."""
     p = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.lexists(p):
+        raise ConfigError(file=p, hint="no config.json: every artifact needs one to plan a load")
+    if not os.path.isfile(p):                 # a directory, a FIFO (never opened: it would block), a broken link
+        raise ConfigError(file=p, expected="a regular file", found=_what_is(p))
     try:
-        with open(p) as fh:
-            raw = json.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(file=p, hint="no config.json: every artifact needs one to plan a load") from None
-    except json.JSONDecodeError as e:
+        with open(p, "rb") as fh:
+            raw = json.loads(fh.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"not valid JSON ({e})", file=p) from None
+    except RecursionError:
+        raise ConfigError("not valid JSON (nesting too deep)", file=p) from None
+    except OSError as e:
+        raise ConfigError("unreadable", file=p, expected="a readable file", found=e.strerror) from None
     try:
         return DSV4Config.from_dict(raw)
     except ConfigError as e:
         raise ConfigError(str(e), file=p) from None
 
 
+def _what_is(p: str) -> str:
+    if os.path.isdir(p):
+        return "a directory"
+    if not os.path.exists(p):
+        return "a dangling or looping symlink"
+    return "not a regular file (a FIFO, socket or device)"
+
+
 # ---- helpers ----
-def _req(d: dict[str, Any], key: str) -> int:
-    if d.get(key) is None:
-        raise ConfigError(key, expected="a value", found="nothing", hint="required DSv4 config field")
-    return int(d[key])
+_REQUIRED: Any = object()
+
+
+def _typed(d: dict[str, Any], key: str, kind: Any, default: Any = _REQUIRED) -> Any:
+    """``d[key]`` if it is a ``kind`` (None or absent: ``default``, or an error if the field is required)."""
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(key, expected="a value", found="nothing", hint="required DSv4 config field")
+        return default
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(key, expected=f"a JSON {_JSON_NAMES[kind]}",
+                          found=f"{type(value).__name__} {value!r:.60}")
+    return value
+
+
+_JSON_NAMES: dict[Any, str] = {dict: "object", list: "array", str: "string", bool: "true/false",
+                               (int, float): "number"}
+
+
+def _int(d: dict[str, Any], key: str, default: Any = _REQUIRED) -> int:
+    """An integer field; a float that is a whole number (``64.0``) is one, ``64.5`` or ``"64"`` is not."""
+    value = _typed(d, key, (int, float), default)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(key, expected="an integer", found=repr(value))
+        return int(value)
+    return value
+
+
+def _float(d: dict[str, Any], key: str, default: Any = _REQUIRED) -> float:
+    value = float(_typed(d, key, (int, float), default))
+    if not math.isfinite(value):
+        raise ConfigError(key, expected="a finite number", found=repr(value))
+    return value
+
+
+def _ints(d: dict[str, Any], key: str) -> list[int]:
+    """A list-of-integers field (``compress_ratios``)."""
+    values = _typed(d, key, list)
+    return [_int({key: v}, key) for v in values]
 
 
 def _rope_dim_from_factor(d: dict[str, Any]) -> int:
     if "partial_rotary_factor" in d:
-        return round(float(d["partial_rotary_factor"]) * int(d.get("head_dim", 512)))
+        return round(_float(d, "partial_rotary_factor") * _int(d, "head_dim", 512))
     return 64
 
 
 def _ratios(d: dict[str, Any], L: int, n_mtp: int) -> tuple[int, ...]:
     if d.get("compress_ratios") is not None:
-        r = [int(x) for x in d["compress_ratios"]]
+        r = _ints(d, "compress_ratios")
         if len(r) < L:
             raise ConfigError("compress_ratios", expected=f">= {L} entries", found=len(r))
         # MTP layers: take the published trailing entries; a missing one is sliding
@@ -219,41 +297,45 @@ def _ratios(d: dict[str, Any], L: int, n_mtp: int) -> tuple[int, ...]:
         mtp = [r[L + k] if L + k < len(r) else 0 for k in range(n_mtp)]
         return tuple(r[:L] + mtp)
     if d.get("layer_types") is not None:
-        rates = dict(d.get("compress_rates") or {})
+        rates = dict(_typed(d, "compress_rates", dict, {}))
         rates.update(_TYPE_TO_RATIO_NAME)
         rates.setdefault("compressed_sparse_attention", 4)
         rates.setdefault("heavily_compressed_attention", 128)
-        types = list(d["layer_types"])[:L]
-        unknown = sorted({t for t in types if t not in rates})
+        types = list(_typed(d, "layer_types", list))[:L]
+        unknown = sorted({repr(t) for t in types if not isinstance(t, str) or t not in rates})
         if unknown or len(types) != L:
             raise ConfigError("layer_types", expected=f"{L} known layer types", found=unknown or len(types))
         # transformers truncates to L and loses the MTP entry: the MTP layer is sliding + moe
         # (``docs/dsv4-architecture.md §1.4``).
-        return tuple(int(rates[t]) for t in types) + (0,) * n_mtp
+        return tuple(_int(rates, t) for t in types) + (0,) * n_mtp
     raise ConfigError("compress_ratios", expected="compress_ratios or layer_types", found="neither")
 
 
 def _hash_layers(d: dict[str, Any]) -> int:
     if d.get("num_hash_layers") is not None:
-        return int(d["num_hash_layers"])
+        return _int(d, "num_hash_layers")
     if d.get("mlp_layer_types") is not None:
-        return sum(1 for t in d["mlp_layer_types"] if t == "hash_moe")
+        return sum(1 for t in _typed(d, "mlp_layer_types", list) if t == "hash_moe")
     return 0
 
 
 def _yarn(d: dict[str, Any]) -> dict[str, float]:
     """RoPE parameters: main theta, compress theta, and YaRN factor/original length/betas."""
-    out = {"main_theta": float(d.get("rope_theta", 10000.0)),
-           "compress_theta": float(d.get("compress_rope_theta", 160000.0)),
+    out = {"main_theta": _float(d, "rope_theta", 10000.0), "compress_theta": _float(d, "compress_rope_theta", 160000.0),
            "factor": 1.0, "original": 0, "beta_fast": 32.0, "beta_slow": 1.0}
-    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
-    if isinstance(params, dict) and "compress" in params:       # transformers 5.x nested form
-        main, params = params.get("main") or {}, params["compress"] or {}
-        out["main_theta"] = float(main.get("rope_theta", out["main_theta"]))
-        out["compress_theta"] = float(params.get("rope_theta", out["compress_theta"]))
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    params = _typed(d, key, dict, {})
+    if "compress" in params:                    # transformers 5.x nested form
+        main = _typed(params, "main", dict, {})
+        params = _typed(params, "compress", dict, {})
+        out["main_theta"] = _float(main, "rope_theta", out["main_theta"])
+        out["compress_theta"] = _float(params, "rope_theta", out["compress_theta"])
     if params:
-        out["factor"] = float(params.get("factor", 1.0))
-        out["original"] = int(params.get("original_max_position_embeddings", 0))
-        out["beta_fast"] = float(params.get("beta_fast", 32.0))
-        out["beta_slow"] = float(params.get("beta_slow", 1.0))
+        try:
+            out["factor"] = _float(params, "factor", 1.0)
+            out["original"] = _int(params, "original_max_position_embeddings", 0)
+            out["beta_fast"] = _float(params, "beta_fast", 32.0)
+            out["beta_slow"] = _float(params, "beta_slow", 1.0)
+        except ConfigError as e:                # name the field as config.json nests it
+            raise ConfigError(f"{key}.{e}") from None
     return out

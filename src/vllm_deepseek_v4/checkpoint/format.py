@@ -132,20 +132,45 @@ def _read_header(path: str, size: int) -> tuple[dict[str, object], int]:
     """Return ``(header JSON, data-region start)`` reading only the first ``8 + header length`` bytes."""
     if size < 8:
         raise _fail(path, "file too short for a safetensors header", "at least 8 bytes", f"{size} bytes")
-    with open(path, "rb") as fh:
-        (hlen,) = struct.unpack("<Q", fh.read(8))
-        if hlen > size - 8:
-            raise _fail(path, "header length beyond end of file", f"at most {size - 8} bytes", f"{hlen} bytes")
-        if hlen > MAX_HEADER_BYTES:
-            raise _fail(path, "header too large for safetensors", f"at most {MAX_HEADER_BYTES} bytes", f"{hlen} bytes")
-        raw = fh.read(hlen)
+    try:
+        with open(path, "rb") as fh:
+            (hlen,) = struct.unpack("<Q", fh.read(8))
+            if hlen > size - 8:
+                raise _fail(path, "header length beyond end of file", f"at most {size - 8} bytes", f"{hlen} bytes")
+            if hlen > MAX_HEADER_BYTES:
+                raise _fail(path, "header too large for safetensors", f"at most {MAX_HEADER_BYTES} bytes",
+                            f"{hlen} bytes")
+            raw = fh.read(hlen)
+    except OSError as exc:                     # unreadable (permissions, I/O error); scan stat-ed it already
+        raise _fail(path, "cannot read shard", "a readable file", exc.strerror or type(exc).__name__) from None
+    if len(raw) < hlen:                        # the file shrank since it was stat-ed
+        raise _fail(path, "header cut short", f"{hlen} bytes of header", f"{len(raw)} bytes")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(path, "malformed header JSON", "a JSON object", f"invalid JSON ({exc})") from None
+    except RecursionError:
+        raise _fail(path, "malformed header JSON", "a JSON object", "nesting too deep") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object", "a JSON object", type(header).__name__)
+    # json keeps the last of repeated keys silently, so a tensor listed twice would only show as a gap before
+    # the next one. One entry per tensor has one "data_offsets" key: a count that differs is checked again
+    # with the pairs seen (a cost paid only then; the text may also occur inside a string).
+    if raw.count(b'"data_offsets"') != len(header) - ("__metadata__" in header):
+        json.loads(raw, object_pairs_hook=partial(_unique_keys, path))
     return header, 8 + hlen
+
+
+def _unique_keys(path: str, pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``object_pairs_hook``: refuse an object that repeats a key (a tensor, or a field of one entry)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))   # type: ignore[func-returns-value]
+        if any(isinstance(v, dict) for _, v in pairs):     # the header itself: its values are the entries
+            raise _fail(path, "tensor listed twice in the header", "each name once", "2 entries", dup)
+        raise _fail(path, f"header entry repeats the key {dup!r}", "each key once per entry", "it twice")
+    return obj
 
 
 def _is_sizes(value: object, n: int | None = None) -> bool:

@@ -5,9 +5,11 @@ fraction of a second. Fails at the first problem, visiting files in sorted order
 """
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final, NoReturn
@@ -39,12 +41,15 @@ def gc_paused() -> Iterator[None]:
 
 def _read_index(path: str) -> tuple[dict[str, str], set[str]]:
     """Return the index's ``weight_map`` (tensor -> shard file relative to the index's folder) and its files."""
+    _regular_size(path, "index file")
     try:
         with open(path, encoding="utf-8") as fh:
             index = json.load(fh)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError("malformed index JSON", file=path, expected="a JSON object",
                               found=f"invalid JSON ({exc})") from None
+    except OSError as exc:
+        raise _unreadable(path, "index file", exc) from None
     if not isinstance(index, dict) or "weight_map" not in index:
         found = f"keys {sorted(index)}" if isinstance(index, dict) else type(index).__name__
         raise CheckpointError("index without weight_map", file=path, expected='an object with "weight_map"',
@@ -69,20 +74,57 @@ def _inside(rel: object) -> bool:
     return isinstance(rel, str) and not os.path.isabs(rel) and not os.path.normpath(rel).startswith("..")
 
 
+# What a path that is not a regular file is, for the message (``stat.S_IFMT`` -> words).
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+               stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def _unreadable(path: str, what: str, exc: OSError) -> CheckpointError:
+    """The one-line error for an ``OSError`` met while stat-ing or opening ``path`` (a shard or the index)."""
+    if exc.errno == errno.ELOOP:
+        return CheckpointError(f"{what} is a symlink loop", file=path, expected="a symlink that ends at a file",
+                               found="too many levels of symbolic links")
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return CheckpointError(f"{what} is a dangling symlink", file=path, expected="a symlink to an existing file",
+                               found=f"a link to {os.readlink(path)!r}, which does not exist")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return CheckpointError(f"{what} is not readable", file=path, expected="read permission",
+                               found=exc.strerror or "permission denied")
+    return CheckpointError(f"cannot read {what}", file=path, expected="a readable file",
+                           found=exc.strerror or type(exc).__name__)
+
+
+def _regular_size(path: str, what: str) -> int:
+    """The size of ``path`` if it is (or links to) a regular file; else a one-line error saying what it is.
+
+    Stat before any open: opening a FIFO for reading would block until a writer comes."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _unreadable(path, what, exc) from None
+    if not stat.S_ISREG(st.st_mode):
+        found = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise CheckpointError(f"{what} is not a regular file", file=path, expected="a regular file", found=found)
+    return st.st_size
+
+
 def _locate(path: str) -> tuple[str, list[str], str | None]:
-    """Resolve ``path`` to ``(root, sorted files relative to root, index file or None)``."""
+    """Resolve ``path`` to ``(root, sorted files relative to root, index file or None)``.
+
+    In a folder, every ``*.safetensors`` entry is a shard whatever it is (a directory, a FIFO, a dangling
+    link): ``_sizes`` refuses the ones that are not files rather than leaving them out silently."""
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, INDEX_NAME)):
+        if os.path.lexists(os.path.join(path, INDEX_NAME)):
             return path, [], INDEX_NAME
-        files = sorted(e.name for e in os.scandir(path) if e.name.endswith(".safetensors") and e.is_file())
+        files = sorted(e.name for e in os.scandir(path) if e.name.endswith(".safetensors"))
         if not files:
             raise CheckpointError("no safetensors files", file=path,
                                   expected=f"{INDEX_NAME} or *.safetensors files", found="neither")
         return path, files, None
     root, base = os.path.split(path)
-    if os.path.isfile(path) and base.endswith(".index.json"):
+    if base.endswith(".index.json") and os.path.lexists(path):
         return root, [], base
-    if os.path.isfile(path) and base.endswith(".safetensors"):
+    if base.endswith(".safetensors") and os.path.lexists(path):
         return root, [base], None
     found = "a file of another kind" if os.path.exists(path) else "no such file or directory"
     raise CheckpointError("not a checkpoint", file=path,
@@ -93,12 +135,12 @@ def _sizes(root: str, files: list[str], index_file: str | None) -> dict[str, int
     """Stat every file; with an index, a missing one is a missing shard."""
     sizes: dict[str, int] = {}
     for rel in files:
-        try:
-            sizes[rel] = os.stat(os.path.join(root, rel)).st_size
-        except FileNotFoundError:
+        path = os.path.join(root, rel)
+        if not os.path.lexists(path):
             where = f"listed in {index_file}" if index_file else "found by listing the folder"
-            raise CheckpointError("missing shard", file=os.path.join(root, rel),
-                                  expected=f"a shard file ({where})", found="no such file") from None
+            raise CheckpointError("missing shard", file=path,
+                                  expected=f"a shard file ({where})", found="no such file")
+        sizes[rel] = _regular_size(path, "shard")
     return sizes
 
 
