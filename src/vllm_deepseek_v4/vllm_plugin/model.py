@@ -22,6 +22,7 @@ from torch import nn
 from ..loader.load import schemes_from_plan
 from ..loader.plan import build_plan
 from ..model import DSV4Model, ModelState
+from .dummy import materialize_if_dummy
 from .kv import PagedKV, StepInputs
 from .weights import PlanRouter, assign, check_filled
 
@@ -82,6 +83,8 @@ class DSV4ForCausalLM(nn.Module):
         self._keep_streams = vllm_config.speculative_config is not None  # type: ignore[attr-defined]
         self._streams: torch.Tensor | None = None
         self._router = PlanRouter(self.plan, wanted=lambda key: not key.startswith("mtp."))
+        materialize_if_dummy(vllm_config, self.model, dict(self.model.named_modules()), self._router, self.dtype,
+                             "trunk")                  # load_format=dummy never calls load_weights
 
     # ---- vLLM model interface ----
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from ..model import resolve_schemes
 from ..model.linear import QLinear
 from ..model.mtp import MTPBlock
 from ..model.primitives import Embedding
+from .dummy import materialize_if_dummy
 from .kv import PagedKV, StepInputs
 from .model import check_supported, model_path
 from .weights import PlanRouter, assign, check_filled
@@ -104,6 +105,9 @@ class DSV4MTPDraft(nn.Module):
         self._router = PlanRouter(self.plan, wanted=lambda key: key.startswith(("mtp.", "head.", "embed.")))
         self._checkpoint_digests: dict[str, str] = {}
         self._shared_checked = False
+        if materialize_if_dummy(vllm_config, self, self._canonical_modules(), self._router, self.dtype, "MTP draft",
+                                draft=True):   # load_weights never runs; shared embed/head checked against the fill
+            self._take_digests()
 
     def _layer(self) -> MTPLayer:
         """``mtp.0``: the block that drafts (vLLM passes no step index)."""
@@ -152,9 +156,12 @@ class DSV4MTPDraft(nn.Module):
             assign(modules, key, t, self.dtype, self.plan.path)
         self._router.finish()
         check_filled(self, self.plan.path, "MTP draft")
+        self._take_digests()
+        return {n for n, _ in self.named_parameters()}
+
+    def _take_digests(self) -> None:
         self._checkpoint_digests = {"embed.weight": _digest(self.model.embed_tokens.weight),
                                     "head.weight": _digest(self._layer().shared_head.head.weight)}
-        return {n for n, _ in self.named_parameters()}
 
     def verify_shared(self) -> None:
         """The embedding and head the draft computes with (its own, or the target's after vLLM's sharing)
