@@ -8,7 +8,7 @@ from __future__ import annotations
 __all__ = [
     "DSV4Error", "CheckpointError", "UnmappedTensorError", "AmbiguousRuleError", "TensorShapeError",
     "TensorDtypeError", "MissingTensorError", "QuantMismatchError", "KernelUnsupportedError",
-    "ConfigError", "MTPLayoutError", "AliasMismatchError", "PlanError",
+    "ConfigError", "MTPLayoutError", "AliasMismatchError", "PlanError", "TensorValueError",
 ]
 
 
@@ -71,6 +71,16 @@ class MTPLayoutError(DSV4Error):
 
 class AliasMismatchError(DSV4Error):
     """Two on-disk copies of one shared tensor (e.g. ``head.weight`` and ``mtp.0.head.weight``) disagree."""
+
+
+class TensorValueError(DSV4Error):
+    """A tensor holds values its role forbids: NaN/Inf floats, NaN codes of FP8/E8M0 bytes, scales <= 0,
+    expert ids out of range. Reads ``"{tensor} in {file}: {found} (expected {expected})"``: one line per
+    problem in ``dsv4 verify --values`` and the same text when a load refuses the tensor."""
+
+    def __init__(self, *, file: str, tensor: str, expected: object, found: object) -> None:
+        super().__init__(f"{tensor} in {file}: {found} (expected {expected})")
+        self.file, self.tensor, self.expected, self.found = file, tensor, expected, found
 
 
 class PlanError(DSV4Error):
