@@ -1,0 +1,95 @@
+"""DeepSeek-V4-Flash's true per-layer dimensions, served through vLLM on CPU with MTP.
+
+The artifact (``devtools.flash_dims``): Flash's attention exactly (D 4096, 64 heads x 512, RoPE 64, q_lora 1024,
+8 groups x o_lora 1024, indexer 64 x 128 with top-k 512, window 128), Flash's layers 1-3 (sliding + hash
+routing, CSA ratio 4 + hash routing, HCA ratio 128) and one MTP layer, 4 + 1 experts of width 256, vocabulary
+1024: 0.56 B parameters, BF16 on disk, fp32 compute. One 300-token prompt and 10 generated tokens span 310
+positions, past ``2 x 128``: both HCA windows complete, the CSA layer holds 77 entries (fewer than top-k 512,
+so the indexer picks all it may), and the window has dropped positions.
+
+Measured on the 2-core CI box (Xeon, 1 torch thread in the engine): artifact written in ~7 s, reference
+(load, prefill, decode, replay) ~25 s, engine start ~?? s, generation ~?? s; the test process peaks at ~?? GB RSS.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import time
+from typing import Any
+
+import pytest
+import torch
+
+import vllm_support as vs
+from vllm_deepseek_v4.devtools import flash, flash_dims
+
+pytestmark = pytest.mark.slow
+K, N, PROMPT = 2, 10, 300            # drafts per step, generated tokens, prompt tokens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One torch thread for the in-process engine (its CPU worker replaces ``torch.set_num_threads``)."""
+    set_threads, before = torch.set_num_threads, torch.get_num_threads()
+    set_threads(1)
+    yield
+    torch.set_num_threads = set_threads
+    set_threads(before)
+
+
+@pytest.fixture(scope="session")
+def flash_dims_artifact(tmp_path_factory):
+    """Written once per session; ``DSV4_FLASH_DIMS_CACHE=DIR`` keeps it across sessions (keyed by content)."""
+    root = os.environ.get("DSV4_FLASH_DIMS_CACHE") or tmp_path_factory.mktemp("flash_dims")
+    return flash_dims.cached(root, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(flash_dims_artifact) -> dict[str, Any]:
+    """The portable model's greedy tokens, the offline replay of vLLM's speculation and the number of
+    compressed entries per layer at the end; the model is freed before any engine starts (memory)."""
+    prompt = torch.randint(0, 1024, (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+    model = vs.reference_model(flash_dims_artifact)
+    state = model.new_state()
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([prompt]), state)
+        want = []
+        for _ in range(N + K):
+            want.append(int(logits[0, -1].argmax()))
+            logits, _ = model(torch.tensor([[want[-1]]]), state)
+    replay = vs.replay_acceptance(model, prompt, want, K, N)
+    entries = {model.cfg.ratio(i): c.compressed[0].shape[1] for i, c in enumerate(state.layers) if c.compressed}
+    del model, state
+    gc.collect()
+    return {"prompt": prompt, "want": want, "replay": replay, "entries": entries}
+
+
+def test_artifact_has_flash_attention_dims_and_sane_logits(flash_dims_artifact, reference):
+    cfg = vs.cfg_of(flash_dims_artifact).to_hf_dict()
+    published = flash.config()
+    assert {k: cfg[k] for k in flash_dims.ATTENTION_KEYS} == {k: published[k] for k in flash_dims.ATTENTION_KEYS}
+    assert cfg["compress_ratios"] == [0, 4, 128, 0] and cfg["num_hash_layers"] == 2
+    assert flash_dims.param_count(cfg) < 600_000_000
+    # a random model whose greedy continuation is not a constant token (else equality would prove little)
+    assert len(set(reference["want"])) > N // 2
+    # the reference fed every position 0 .. PROMPT + N + K - 1
+    end = PROMPT + N + K
+    assert reference["entries"] == {4: end // 4, 128: end // 128}
+    assert reference["entries"][128] >= 2 and reference["entries"][4] > 64
+
+
+def test_vllm_with_mtp_serves_the_reference_greedy_output(flash_dims_artifact, reference):
+    t0 = time.perf_counter()
+    with vs.engine(flash_dims_artifact, K, max_model_len=512, max_num_seqs=1) as llm:
+        started = time.perf_counter()
+        before = vs.spec_counters(llm)
+        got = vs.generate(llm, [reference["prompt"]], N)
+        counters = vs.diff_counters(vs.spec_counters(llm), before)
+        done = time.perf_counter()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\nflash-dims: engine start {started - t0:.1f} s, generate {done - started:.1f} s "
+          f"({PROMPT} + {N} tokens, k = {K}), peak RSS {rss:.2f} GiB, counters {counters}")
+    assert got == [reference["want"][:N]]
+    assert counters == vs.sum_counters([reference["replay"]], K)
+    assert counters["num_drafts"] > 0
