@@ -22,6 +22,7 @@ from torch import nn
 from ..loader.load import schemes_from_plan
 from ..loader.plan import build_plan
 from ..model import DSV4Model, ModelState
+from ..native.paths import model_source, resolve_model_dir
 from .dummy import materialize_if_dummy
 from .kv import PagedKV, StepInputs
 from .weights import PlanRouter, assign, check_filled
@@ -31,16 +32,8 @@ __all__ = ["DSV4ForCausalLM", "model_path"]
 
 def model_path(model_config: object) -> str:
     """The local artifact directory: the plan reads the safetensors headers before vLLM loads weights, so a
-    hub id is fetched (config + safetensors; the local cache only under ``HF_HUB_OFFLINE=1``) first."""
-    import os
-
-    path = str(getattr(model_config, "model"))
-    if os.path.isdir(path):
-        return path
-    from huggingface_hub import snapshot_download
-
-    return str(snapshot_download(repo_id=path, revision=getattr(model_config, "revision", None),
-                                 allow_patterns=["*.json", "*.safetensors"]))
+    hub id is resolved to its HF-cache snapshot first (one implementation: ``native.paths``)."""
+    return resolve_model_dir(*model_source(model_config))
 
 
 def check_supported(vllm_config: object) -> None:
