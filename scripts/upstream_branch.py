@@ -16,8 +16,9 @@ The branch gets one commit:
    native loader (``native/tables.py``, ``loader.py``, ``quant_config.py``, ``glue.py``), copied from this
    package with every ``vllm_deepseek_v4`` import made relative; nothing imports ``vllm_deepseek_v4``.
 2. Anchored edits of vLLM's ``nvidia`` / ``amd`` / ``xpu`` ``model.py`` and ``mtp.py``: the target's and the
-   draft's ``load_weights`` go through the plan (``glue.load_weights_from_plan``; vLLM's stock mapping stays
-   for a model that is not a local directory, or with ``VLLM_DSV4_STOCK_LOADER=1``), and the MTP layer is
+   draft's ``load_weights`` go through the plan (``glue.load_weights_from_plan``; a hub id is resolved to its
+   HF-cache snapshot, an unresolvable model refused; vLLM's stock mapping only with
+   ``VLLM_DSV4_STOCK_LOADER=1``), and the MTP layer is
    built with its own quant config (``glue.mtp_quant_config``) instead of the target's object. Every anchor
    must occur exactly once, or the script stops naming the file and the anchor.
 3. ``tests/models/deepseek_v4/``: CPU tests (``scripts/upstream/tests/``), run from VLLM_TREE with
@@ -60,7 +61,7 @@ _GLUE = "        from ..loading.native import glue as _plan_glue\n"
 def _target_patch(indent_rest: str) -> str:
     return (_GLUE + "\n"
             "        # the load plan decides every tensor's parameter, shard and quant role (checkpoint headers,\n"
-            "        # any naming convention); vLLM's own mapping stays for a model that is not a local directory\n"
+            "        # any naming convention); vLLM's own mapping only with VLLM_DSV4_STOCK_LOADER=1\n"
             "        loaded_params = _plan_glue.load_weights_from_plan(\n"
             '            self, "target", weights, _plan_glue.model_path(self.config)\n'
             "        )\n"
@@ -83,7 +84,7 @@ def _mtp_load(after: str) -> tuple[str, str]:
     new = ("    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:\n"
            + _GLUE + "\n"
            "        # The load plan routes every tensor, including the top-level head / embed the draft shares\n"
-           "        # (never skipped), and refuses what it cannot place; None: not a local directory\n"
+           "        # (never skipped), and refuses what it cannot place; None: VLLM_DSV4_STOCK_LOADER=1\n"
            "        loaded = _plan_glue.load_weights_from_plan(\n"
            '            self, "mtp", weights, _plan_glue.model_path(self.config)\n'
            "        )\n"
@@ -267,8 +268,9 @@ def build(tree: Path, branch: str) -> dict[str, list[str]]:
            "quant config\n\n"
            "- vllm/models/deepseek_v4/loading/: stdlib-only load planner (safetensors headers, naming\n"
            "  conventions, per-module quant detection, strict accounting) + rule tables into vLLM's parameters\n"
-           "- nvidia/amd/xpu model.py + mtp.py: load_weights through the plan (stock mapping for non-local\n"
-           "  models or VLLM_DSV4_STOCK_LOADER=1); the MTP layer's quant config from the draft's own tensors\n"
+           "- nvidia/amd/xpu model.py + mtp.py: load_weights through the plan (hub ids via the HF cache;\n"
+           "  stock mapping only with VLLM_DSV4_STOCK_LOADER=1); the MTP layer's quant config from the draft's\n"
+           "  own tensors\n"
            "- tests/models/deepseek_v4: CPU construction + loading tests\n\n"
            "Fixes: vllm#43456 (MTP head/embed skipped), vllm#43304 (draft inherits the target's quant config),\n"
            "the ignore-prefix mismatch of vllm#56054 for DeepSeek-V4 drafts.")

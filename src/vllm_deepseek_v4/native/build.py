@@ -63,12 +63,14 @@ def make_vllm_config(path: str, *, tp: int = 1, dtype: str = "bfloat16", native:
     return VllmConfig(model_config=mc, parallel_config=pc, speculative_config=sc)
 
 
-def _max_len(path: str) -> int:
+def _max_len(model: str) -> int:
     import json
     import os
 
+    from .paths import resolve_model_dir
+
     try:
-        with open(os.path.join(path, "config.json")) as f:
+        with open(os.path.join(resolve_model_dir(model), "config.json")) as f:
             return int(json.load(f).get("max_position_embeddings", 4096))
     except (OSError, ValueError, TypeError):
         return 4096

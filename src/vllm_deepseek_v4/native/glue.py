@@ -5,8 +5,10 @@ Used in two places, with the same relative imports: in this package, and copied 
 ``nvidia`` / ``amd`` / ``xpu`` ``DeepseekV4ForCausalLM.load_weights`` / ``DeepSeekV4MTP.load_weights`` and the
 MTP layer's quant config call it:
 
-- ``plan_for(path)``: the load plan of a local artifact directory (headers only; cached per directory and
-  shard sizes), or None where the model is not a local directory (the caller keeps vLLM's stock path);
+- ``model_path(config)``: the artifact directory (a hub id resolved to its HF-cache snapshot as vLLM does;
+  refused with ``ModelPathError`` when it cannot be);
+- ``plan_for(path)``: the load plan of that directory (headers only; cached per directory and shard sizes);
+  None only with ``VLLM_DSV4_STOCK_LOADER=1`` (the caller then runs vLLM's stock mapping, asked for);
 - ``mtp_quant_config(vllm_config, default)``: the draft's own quant config, from the schemes detected on the
   draft's tensors (never the target's object);
 - ``load_weights_from_plan(model, kind, weights, path)``: reads every tensor the plan places for this class
@@ -24,11 +26,12 @@ import os
 from typing import Any, Iterable
 
 from .loader import load_class, module_schemes
+from .paths import ModelPathError, model_source, resolve_model_dir
 from .quant_config import choose_family, extra_ignored, make_quant_config
 
 __all__ = ["plan_for", "mtp_quant_config", "load_weights_from_plan", "model_path", "model_quant_config",
            "with_quant_config",
-           "PlanLoadError"]
+           "PlanLoadError", "ModelPathError", "stock_loader_requested"]
 
 logger = logging.getLogger(__name__)
 _CACHE: dict[str, tuple[Any, Any]] = {}
@@ -39,15 +42,11 @@ class PlanLoadError(ValueError):
 
 
 def model_path(obj: Any) -> str:
-    """The local artifact directory of a ``VllmConfig`` (its draft's model for a speculative config), a
-    ``ModelConfig`` or an HF config (``_name_or_path``); '' when it is not a local directory."""
-    sc = getattr(obj, "speculative_config", None)
-    mc = getattr(sc, "draft_model_config", None) or getattr(obj, "model_config", None) or obj
-    for p in (getattr(mc, "model", None), getattr(getattr(mc, "hf_config", None), "_name_or_path", None),
-              getattr(mc, "_name_or_path", None)):
-        if isinstance(p, str) and os.path.isdir(p):
-            return p
-    return ""
+    """The artifact directory of a ``VllmConfig`` (its draft's model for a speculative config), a
+    ``ModelConfig`` or an HF config (``_name_or_path``): a local directory as is, a hub id resolved to its HF-cache
+    snapshot the way vLLM's loader downloads it (``paths.resolve_model_dir``). Raises ``ModelPathError`` when it
+    cannot be resolved: there is no way past the plan."""
+    return resolve_model_dir(*model_source(obj))
 
 
 def _stamp(path: str) -> Any:
@@ -55,9 +54,13 @@ def _stamp(path: str) -> Any:
 
 
 def plan_for(path: str) -> Any:
-    """The load plan of ``path`` (a local directory), cached; None when ``path`` is not one."""
-    if not path or not os.path.isdir(path) or os.environ.get("VLLM_DSV4_STOCK_LOADER") == "1":
+    """The load plan of ``path`` (a local directory, see :func:`model_path`), cached; None only with
+    ``VLLM_DSV4_STOCK_LOADER=1`` (vLLM's stock mapping asked for explicitly)."""
+    if stock_loader_requested():
         return None
+    if not path or not os.path.isdir(path):
+        raise ModelPathError(f"{path!r}: not an artifact directory; DeepSeek-V4 weights load only through the "
+                             "load plan (set VLLM_DSV4_STOCK_LOADER=1 for vLLM's stock mapping)")
     from ..loader import build_plan
 
     stamp = _stamp(path)
@@ -68,6 +71,10 @@ def plan_for(path: str) -> Any:
     _CACHE.clear()
     _CACHE[path] = (stamp, plan)
     return plan
+
+
+def stock_loader_requested() -> bool:
+    return os.environ.get("VLLM_DSV4_STOCK_LOADER") == "1"
 
 
 def _raise_plan(plan: Any) -> None:
@@ -81,11 +88,11 @@ def plan_path(plan: Any) -> str:
 
 
 def mtp_quant_config(vllm_config: Any, default: Any) -> Any:
-    """The MTP draft's quant config decided from the draft's own tensors; ``default`` (vLLM's object) where
-    the model is not a local directory."""
-    plan = plan_for(model_path(vllm_config))
-    if plan is None:
+    """The MTP draft's quant config decided from the draft's own tensors; ``default`` (vLLM's object) only
+    with ``VLLM_DSV4_STOCK_LOADER=1``."""
+    if stock_loader_requested():
         return default
+    plan = plan_for(model_path(vllm_config))
     _raise_plan(plan)
     mods, problems = module_schemes(plan, "mtp")
     choice = choose_family(mods)
@@ -134,8 +141,8 @@ def _family(qc: Any) -> str:
 
 def load_weights_from_plan(model: Any, kind: str, weights: Iterable[tuple[str, Any]], path: str,
                            *, quant_config: Any = "model") -> set[str] | None:
-    """Load vLLM's ``kind`` class (``target`` / ``mtp``) through the plan of ``path``; None (nothing consumed)
-    when ``path`` is not a local directory (or ``VLLM_DSV4_STOCK_LOADER=1``). ``quant_config``: the config the
+    """Load vLLM's ``kind`` class (``target`` / ``mtp``) through the plan of ``path`` (:func:`model_path`); None
+    (nothing consumed) only with ``VLLM_DSV4_STOCK_LOADER=1``. ``quant_config``: the config the
     class was built with (default: read off its modules). Raises :class:`PlanLoadError` naming every problem."""
     plan = plan_for(path)
     if plan is None:

@@ -3,8 +3,9 @@
 Subclasses of the platform's ``DeepseekV4ForCausalLM`` / ``DeepSeekV4MTP`` (``vllm.models.deepseek_v4``'s
 ``amd`` classes on ROCm, the ``nvidia`` ones otherwise). Nothing of the forward path is overridden: only
 
-- ``load_weights``: every tensor routed by the load plan (``native.glue.load_weights_from_plan``); vLLM's own
-  mapping where the model is not a local directory;
+- ``load_weights``: every tensor routed by the load plan (``native.glue.load_weights_from_plan``) of the
+  artifact directory (a hub id resolved to vLLM's HF-cache snapshot; unresolvable: refused, never vLLM's stock
+  mapping, which has the bugs the plan fixes); vLLM's stock mapping only with ``VLLM_DSV4_STOCK_LOADER=1``;
 - the draft's ``__init__``: built with its own quant config from the draft's tensors
   (``native.glue.mtp_quant_config``), not the target's object.
 """
