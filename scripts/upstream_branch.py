@@ -9,6 +9,10 @@ package is enough::
     mkdir /tmp/vt && cp -r .venv/lib/python3*/site-packages/vllm /tmp/vt/ && cd /tmp/vt \\
         && git init -q && git add -A && git commit -qm base
 
+The branch is built from this repository's HEAD (``git archive``: uncommitted edits of the work tree are never
+carried); the output and the branch's commit message name that commit. Without git (a copy of the files, not
+a clone) the script refuses.
+
 The branch gets one commit:
 
 1. ``vllm/models/deepseek_v4/loading/``: our load planner (checkpoint headers, naming conventions, per-module
@@ -24,21 +28,25 @@ The branch gets one commit:
 3. ``tests/models/deepseek_v4/``: CPU tests (``scripts/upstream/tests/``), run from VLLM_TREE with
    ``VLLM_PLUGINS= python -m pytest tests/models/deepseek_v4``.
 
-Exit 0 on success, 2 on a tree of another layout (the message says what is missing), 1 on a failed anchor.
+Exit 0 on success, 2 on a tree of another layout (the message says what is missing) or a source that is not a
+git clone, 1 on a failed anchor.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import io
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PKG = ROOT / "src" / "vllm_deepseek_v4"
-TESTS = ROOT / "scripts" / "upstream" / "tests"
+PKG_REL = "src/vllm_deepseek_v4"
+TESTS_REL = "scripts/upstream/tests"
 BRANCH = "deepseek-v4-mtp-loader"
 DEST = "vllm/models/deepseek_v4/loading"
 # the modules the branch needs; everything they import from this package comes along (import closure)
@@ -123,9 +131,29 @@ class Refused(Exception):
     pass
 
 
+# ---- our sources, as committed ----
+def export_head(root: Path, dest: Path) -> str:
+    """Write ``PKG_REL`` and ``TESTS_REL`` as committed at ``root``'s HEAD into ``dest`` (``git archive``: the
+    branch never carries uncommitted edits of this work tree); returns the commit's hash."""
+    r = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
+    if r.returncode != 0 or Path(r.stdout.strip()).resolve() != root.resolve():
+        raise Refused(f"{root}: not a git work tree of vllm-deepseek-v4 (the branch is built from a commit: "
+                      "clone the repository instead of copying files)")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if sha.returncode != 0:
+        raise Refused(f"{root}: has no commit to build the branch from ({sha.stderr.strip()})")
+    arc = subprocess.run(["git", "archive", "--format=tar", "HEAD", PKG_REL, TESTS_REL], cwd=root,
+                         capture_output=True)
+    if arc.returncode != 0:
+        raise Refused(f"{root}: git archive HEAD {PKG_REL} {TESTS_REL}: {arc.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(arc.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return sha.stdout.strip()
+
+
 # ---- the import closure of ROOTS inside this package ----
-def _module_file(parts: list[str]) -> Path | None:
-    p = PKG.joinpath(*parts)
+def _module_file(pkg: Path, parts: list[str]) -> Path | None:
+    p = pkg.joinpath(*parts)
     if (p / "__init__.py").is_file():
         return p / "__init__.py"
     if p.with_suffix(".py").is_file():
@@ -133,8 +161,8 @@ def _module_file(parts: list[str]) -> Path | None:
     return None
 
 
-def _imports(f: Path) -> list[tuple[list[str], list[str]]]:
-    rel = f.relative_to(PKG).with_suffix("").parts
+def _imports(pkg_root: Path, f: Path) -> list[tuple[list[str], list[str]]]:
+    rel = f.relative_to(pkg_root).with_suffix("").parts
     pkg = list(rel[:-1])
     out = []
     for node in ast.walk(ast.parse(f.read_text())):
@@ -148,33 +176,34 @@ def _imports(f: Path) -> list[tuple[list[str], list[str]]]:
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.split(".")[0] == "vllm_deepseek_v4":
-                    raise Refused(f"{f.relative_to(PKG)}: `import {a.name}` cannot be made relative; use `from`")
+                    raise Refused(f"{f.relative_to(pkg_root)}: `import {a.name}` cannot be made relative; "
+                                  "use `from`")
     return out
 
 
-def closure() -> list[Path]:
+def closure(pkg: Path) -> list[Path]:
     seen: dict[Path, None] = {}
-    todo = [PKG / r for r in ROOTS]
-    fresh = {PKG / k for k in FRESH_INITS}
+    todo = [pkg / r for r in ROOTS]
+    fresh = {pkg / k for k in FRESH_INITS}
     while todo:
         f = todo.pop()
         if f in seen:
             continue
         seen[f] = None
-        rel = f.relative_to(PKG).parts
+        rel = f.relative_to(pkg).parts
         for i in range(1, len(rel)):
-            init = PKG.joinpath(*rel[:i], "__init__.py")
+            init = pkg.joinpath(*rel[:i], "__init__.py")
             if init.is_file():
                 todo.append(init)
         if f in fresh:
             continue
-        for parts, names in _imports(f):
-            mf = _module_file(parts)
+        for parts, names in _imports(pkg, f):
+            mf = _module_file(pkg, parts)
             if mf is None:
-                raise Refused(f"{f.relative_to(PKG)}: imports {'.'.join(parts)}, which is not in the package")
+                raise Refused(f"{f.relative_to(pkg)}: imports {'.'.join(parts)}, which is not in the package")
             todo.append(mf)
             if mf.name == "__init__.py":
-                todo += [s for n in names if (s := _module_file(parts + [n])) is not None]
+                todo += [s for n in names if (s := _module_file(pkg, parts + [n])) is not None]
     return sorted(seen)
 
 
@@ -233,14 +262,22 @@ def git(tree: Path, *args: str) -> str:
     return r.stdout
 
 
-def build(tree: Path, branch: str) -> dict[str, list[str]]:
+def build(tree: Path, branch: str, root: Path = ROOT) -> dict[str, object]:
+    """Create ``branch`` in ``tree`` from ``root``'s HEAD (committed sources only)."""
     check_tree(tree)
-    files = closure()
+    with tempfile.TemporaryDirectory(prefix="dsv4-upstream-") as tmp:
+        commit = export_head(root, Path(tmp))
+        out = _build(tree, branch, Path(tmp) / PKG_REL, Path(tmp) / TESTS_REL, commit)
+    return {**out, "commit": commit}
+
+
+def _build(tree: Path, branch: str, pkg: Path, tests_dir: Path, commit: str) -> dict[str, list[str]]:
+    files = closure(pkg)
     git(tree, "checkout", "-q", "-b", branch)
     copied, torch_free = [], []
-    planner = set(f for f in files if not f.relative_to(PKG).parts[0] == "native")
+    planner = set(f for f in files if not f.relative_to(pkg).parts[0] == "native")
     for f in files:
-        rel = f.relative_to(PKG)
+        rel = f.relative_to(pkg)
         dest = tree / DEST / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         text = FRESH_INITS.get(rel.as_posix()) or _relative(f.read_text(), rel)
@@ -255,12 +292,12 @@ def build(tree: Path, branch: str) -> dict[str, list[str]]:
     tdest = tree / "tests" / "models" / "deepseek_v4"
     tdest.mkdir(parents=True, exist_ok=True)
     tests = []
-    for f in sorted(TESTS.iterdir()):
+    for f in sorted(tests_dir.iterdir()):
         if f.is_file() and f.suffix in (".py", ".json"):
             shutil.copy2(f, tdest / f.name)
             tests.append(f"tests/models/deepseek_v4/{f.name}")
     for f in ("standins.py",):            # CPU stand-ins for constructing the nvidia classes (test-only)
-        text = _relative((PKG / "native" / f).read_text(), Path("native") / f)
+        text = _relative((pkg / "native" / f).read_text(), Path("native") / f)
         (tdest / f"cpu_{f}").write_text(text)
         tests.append(f"tests/models/deepseek_v4/cpu_{f}")
     git(tree, "add", "-A")
@@ -273,7 +310,8 @@ def build(tree: Path, branch: str) -> dict[str, list[str]]:
            "  own tensors\n"
            "- tests/models/deepseek_v4: CPU construction + loading tests\n\n"
            "Fixes: vllm#43456 (MTP head/embed skipped), vllm#43304 (draft inherits the target's quant config),\n"
-           "the ignore-prefix mismatch of vllm#56054 for DeepSeek-V4 drafts.")
+           "the ignore-prefix mismatch of vllm#56054 for DeepSeek-V4 drafts.\n\n"
+           f"Built from vllm-deepseek-v4 commit {commit}.")
     git(tree, "-c", "user.name=vllm-deepseek-v4", "-c", "user.email=vllm-deepseek-v4@localhost",
         "commit", "-q", "-m", msg)
     return {"copied": copied, "torch_free": torch_free, "patched": list(PATCHES), "tests": tests}
@@ -291,7 +329,9 @@ def main() -> int:
         refused = isinstance(e, Refused)
         print(f"upstream_branch: {'refused' if refused else 'failed'}: {e}", file=sys.stderr)
         return 2 if refused else 1
-    print(f"branch {args.branch} in {tree}: {len(out['copied'])} modules copied to {DEST} "
+    print(f"branch {args.branch} in {tree}, built from vllm-deepseek-v4 commit {out['commit']} (HEAD of {ROOT}; "
+          "uncommitted changes are not included)")
+    print(f"{len(out['copied'])} modules copied to {DEST} "
           f"({len(out['torch_free'])} planner modules, none imports torch at import time), "
           f"{len(out['patched'])} vLLM files patched, {len(out['tests'])} test files")
     print(f"run: cd {tree} && VLLM_PLUGINS= python -m pytest tests/models/deepseek_v4")

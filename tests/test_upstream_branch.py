@@ -62,3 +62,37 @@ def test_branch_builds_and_its_tests_pass(tmp_path: Path) -> None:
     _git(other, "init", "-q")
     r = subprocess.run([sys.executable, str(SCRIPT), str(other)], capture_output=True, text=True)
     assert r.returncode == 2 and "0.32 package layout" in r.stderr
+
+
+def _deepseek_v4_tree(tree: Path) -> Path:
+    """A git tree holding only ``vllm/models/deepseek_v4`` (the files the script checks and edits): enough to
+    build the branch, not to run its tests."""
+    src = Path(importlib.util.find_spec("vllm").submodule_search_locations[0]) / "models" / "deepseek_v4"
+    shutil.copytree(src, tree / "vllm" / "models" / "deepseek_v4", ignore=shutil.ignore_patterns("__pycache__"))
+    _git(tree, "init", "-q")
+    _git(tree, "add", "-A")
+    _git(tree, "commit", "-qm", "base")
+    return tree
+
+
+def test_branch_is_built_from_head_not_the_work_tree(tmp_path: Path) -> None:
+    """An uncommitted edit of our sources never reaches the branch; the output and the branch's commit name
+    the commit it was built from; a copy of our files without git is refused."""
+    ours = tmp_path / "ours"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(ours)], check=True, capture_output=True)
+    head = _git(ours, "rev-parse", "HEAD").strip()
+    glue = ours / "src/vllm_deepseek_v4/native/glue.py"
+    glue.write_text(glue.read_text() + "\nUNCOMMITTED_MARKER = 1\n")
+    tree = _deepseek_v4_tree(tmp_path / "vt")
+    r = subprocess.run([sys.executable, str(ours / "scripts/upstream_branch.py"), str(tree)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"built from vllm-deepseek-v4 commit {head}" in r.stdout
+    assert f"Built from vllm-deepseek-v4 commit {head}." in _git(tree, "log", "-1", "--format=%B")
+    branch_glue = (tree / "vllm/models/deepseek_v4/loading/native/glue.py").read_text()
+    assert "def load_weights_from_plan" in branch_glue and "UNCOMMITTED_MARKER" not in branch_glue
+    copy = tmp_path / "copy"
+    shutil.copytree(ours, copy, ignore=shutil.ignore_patterns(".git"))
+    r = subprocess.run([sys.executable, str(copy / "scripts/upstream_branch.py"),
+                        str(_deepseek_v4_tree(tmp_path / "vt2"))], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a git work tree of vllm-deepseek-v4" in r.stderr, r.stderr
