@@ -38,7 +38,10 @@ def model_path(model_config: object) -> str:
 
 def check_supported(vllm_config: object) -> None:
     """Refuse what the plugin would otherwise silently ignore."""
+    from .options import check_options
     from .quant import QUANT_NAME
+
+    check_options(vllm_config)                                  # the engine-option table (options.py)
 
     pp = vllm_config.parallel_config.pipeline_parallel_size  # type: ignore[attr-defined]
     if pp != 1:
