@@ -14,7 +14,8 @@ from vllm_deepseek_v4.cli.main import main
 def test_verify_ok_prints_one_line(tmp_path, capsys):
     d = make_checkpoint(tmp_path)
     assert main(["verify", str(d)]) == 0
-    assert capsys.readouterr().out.strip() == f"{d}: OK (160 tensors, naming upstream, MTP complete)"
+    assert capsys.readouterr().out.strip() == (f"{d}: OK (160 tensors, naming upstream, MTP complete; "
+                                                "headers checked; values not read -- use --values)")
 
 
 def test_verify_lists_each_problem_on_one_line(tmp_path, capsys):

@@ -1,5 +1,7 @@
 """Fill the portable model from an artifact: plan, build on meta with the detected schemes, stream, check.
 
+Every tensor's values are checked as it streams (``loader.values``, via ``iter_plan_tensors``).
+
 The trunk and every MTP layer get the schemes detected for *their own* modules. Each tensor is assigned as it
 is read (peak extra memory ~ one tensor); anything still on the meta device afterwards is an error.
 """
@@ -34,8 +36,11 @@ def schemes_from_plan(plan: LoadPlan) -> dict[str, dict[str, str]]:
 
 
 def load_model(path: str, *, dtype: "torch.dtype | None" = None, include_mtp: bool = True,
-               progress: bool = True, plan: LoadPlan | None = None) -> tuple["DSV4Model", LoadPlan]:
-    """Return the filled model and its plan. Raises ``PlanError`` before reading anything if the plan is bad."""
+               progress: bool = True, plan: LoadPlan | None = None,
+               check_values: bool | None = None) -> tuple["DSV4Model", LoadPlan]:
+    """Return the filled model and its plan. Raises ``PlanError`` before reading anything if the plan is bad,
+    ``TensorValueError`` on the first tensor holding values its role forbids (``loader.values``).
+    ``check_values``: None follows ``DSV4_SKIP_VALUE_CHECKS``; False skips the value checks (says so)."""
     import torch
 
     from ..model import build_model
@@ -48,7 +53,7 @@ def load_model(path: str, *, dtype: "torch.dtype | None" = None, include_mtp: bo
         cfg = cfg.without_mtp()
     model = build_model(cfg, schemes=schemes_from_plan(plan), dtype=dtype, device="meta")
     modules = dict(model.named_modules())
-    for key, t in iter_plan_tensors(plan, progress=progress):
+    for key, t in iter_plan_tensors(plan, progress=progress, check_values=check_values):
         assign_tensor(modules, key, t, dtype, plan.path)
     check_filled(model, plan.path, "model")
     return model, plan

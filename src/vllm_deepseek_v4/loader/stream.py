@@ -10,37 +10,29 @@ returns tensors that view the file's memory map: nothing is read until first use
 the file staying unchanged, and copying out of the map page by page is slower than one read.) Leading
 ``select``/``narrow`` ops (an expert of a stacked tensor, half of a fused projection) become a smaller byte
 range, so only the bytes a piece needs are read. Peak extra memory is one source tensor.
+
+Every tensor's values are checked as it is read (``loader.values``); ``scan_values`` is ``dsv4 verify
+--values``: every planned tensor read once into one reused buffer, every problem listed.
 """
 from __future__ import annotations
 
 import ctypes
 import math
 import os
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
-from ..errors import AliasMismatchError, CheckpointError
+from ..errors import AliasMismatchError, CheckpointError, TensorValueError
+from .ops import apply_ops
+from .values import alias_problem, value_check, value_checks_enabled
 
 if TYPE_CHECKING:
     import torch
 
     from ..checkpoint import Checkpoint, TensorInfo
     from .plan import LoadPlan, Source
+    from .records import AnySource
 
-__all__ = ["iter_plan_tensors", "apply_ops", "plan_keys", "PositionalReader"]
-
-
-def apply_ops(t: "torch.Tensor", ops: tuple[tuple, ...]) -> "torch.Tensor":
-    """Apply ``select`` / ``narrow`` / ``t`` steps in order (views; ``contiguous`` is the caller's choice)."""
-    for op in ops:
-        if op[0] == "select":
-            t = t.select(op[1], op[2])
-        elif op[0] == "narrow":
-            t = t.narrow(op[1], op[2], op[3])
-        elif op[0] == "t":
-            t = t.t()
-        else:
-            raise ValueError(f"unknown op {op!r}")
-    return t
+__all__ = ["iter_plan_tensors", "apply_ops", "plan_keys", "PositionalReader", "scan_values", "ScanResult"]
 
 
 def plan_keys(plan: "LoadPlan") -> list[str]:
@@ -52,23 +44,75 @@ def _keys(name: str, pp) -> list[str]:
     return [name] if pp.quant is None else [f"{name}.{role}" for role in pp.roles]
 
 
-def iter_plan_tensors(plan: "LoadPlan", *, progress: bool = True, atol: float = 0.0) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """Yield every planned tensor once, in canonical names. Raises if the plan is not ``ok``."""
+def iter_plan_tensors(plan: "LoadPlan", *, progress: bool = True, atol: float = 0.0,
+                      check_values: bool | None = None) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """Yield every planned tensor once, in canonical names. Raises if the plan is not ``ok``.
+
+    Each tensor's values are checked by its role before it is yielded (``loader.values``: NaN/Inf, NaN codes,
+    scales <= 0, expert ids), a ``TensorValueError`` naming tensor and file on the first bad one.
+    ``check_values``: None follows ``DSV4_SKIP_VALUE_CHECKS``; False turns the checks off (one line on stderr)."""
     from tqdm import tqdm
 
     plan.raise_if_bad()
+    checking = value_checks_enabled(plan.path, check_values, why="check_values=False")
     total = sum(len(pp.roles) for pp in plan.params.values())
     bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
     with PositionalReader(plan.checkpoint) as reader:
         for name, pp in plan.params.items():
             for role, src in pp.roles.items():
                 t = reader.read_source(src)
+                if checking:
+                    vc = value_check(plan, pp, role, src)
+                    if vc is not None:
+                        vc.check(t)
                 key = name if pp.quant is None else f"{name}.{role}"
                 for alias in pp.aliases:
                     _compare(key, src, t, alias, reader.read_source(alias), atol)
                 bar.update(1)
                 yield key, t
     bar.close()
+
+
+# ---- dsv4 verify --values: every planned tensor read once, every problem listed ----
+class ScanResult(NamedTuple):
+    problems: list[TensorValueError]
+    tensors: int                     # planned sources read (aliases included)
+    nbytes: int                      # bytes read
+
+
+def scan_values(plan: "LoadPlan", *, progress: Callable[[int, int, int, int], None] | None = None) -> ScanResult:
+    """Read every planned source once and check it (every problem, not just the first). Memory: one reused
+    buffer of the largest tensor, plus a fresh copy of each alias while it is compared with its primary.
+
+    ``progress(done_tensors, total_tensors, done_bytes, total_bytes)`` is called after each tensor."""
+    import torch
+
+    plan.raise_if_bad()
+    jobs = [(key, value_check(plan, pp, role, src), src, pp.aliases) for name, pp in plan.params.items()
+            for key, (role, src) in zip(_keys(name, pp), pp.roles.items())]
+    total = len(jobs) + sum(len(aliases) for *_, aliases in jobs)
+    total_bytes = sum(_nbytes(plan, s) for _, _, src, aliases in jobs for s in (src, *aliases))
+    problems: list[TensorValueError] = []
+    done = nbytes = 0
+    buf = torch.empty(max((plan.checkpoint.tensors[src.tensor].nbytes for _, _, src, _ in jobs), default=0),
+                      dtype=torch.uint8)
+    with PositionalReader(plan.checkpoint) as reader:
+        for key, vc, src, aliases in jobs:
+            t = reader.read_source(src, buf=buf)
+            found = [vc.problem(t) if vc is not None else None]
+            found += [alias_problem(key, src, t, alias, reader.read_source(alias)) for alias in aliases]
+            problems += [err for err in found if err is not None]
+            done += 1 + len(aliases)
+            nbytes += sum(_nbytes(plan, s) for s in (src, *aliases))
+            if progress is not None:
+                progress(done, total, nbytes, total_bytes)
+    return ScanResult(problems, done, nbytes)
+
+
+def _nbytes(plan: "LoadPlan", src: "AnySource") -> int:
+    """Bytes of the piece ``src`` (its share of the on-disk tensor's bytes)."""
+    info = plan.checkpoint.tensors[src.tensor]
+    return info.nbytes if not src.ops else info.nbytes * math.prod(src.shape) // max(1, info.numel)
 
 
 class PositionalReader:
@@ -90,19 +134,23 @@ class PositionalReader:
             os.close(fd)
         self._files.clear()
 
-    def read_source(self, src: "Source") -> "torch.Tensor":
-        """``src.tensor`` after ``src.ops``, contiguous and owning exactly its own bytes."""
+    def read_source(self, src: "Source", *, buf: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """``src.tensor`` after ``src.ops``, contiguous and owning exactly its own bytes.
+
+        ``buf``: a uint8 tensor to read into instead (the result then views it, valid until the next read
+        into it): a scan that drops every tensor reuses one buffer instead of faulting in fresh pages."""
         info = self.ckpt.tensors[src.tensor]
-        t, rest = self.read(info, src.ops)
+        t, rest = self.read(info, src.ops, buf=buf)
         if rest:
             t = apply_ops(t, rest).contiguous()
-            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            if buf is None and t.untyped_storage().nbytes() != t.numel() * t.element_size():
                 t = t.clone()                  # a view of a bigger read: keep only its own bytes
         return t
 
-    def read(self, info: "TensorInfo", ops: tuple[tuple, ...] = ()) -> tuple["torch.Tensor", tuple[tuple, ...]]:
+    def read(self, info: "TensorInfo", ops: tuple[tuple, ...] = (), *,
+             buf: "torch.Tensor | None" = None) -> tuple["torch.Tensor", tuple[tuple, ...]]:
         """Read ``info`` (or the byte range its leading ``select``/``narrow`` ops pick); returns the tensor and
-        the ops still to apply."""
+        the ops still to apply. ``buf``: see ``read_source``."""
         import torch
 
         from ..checkpoint.format import TORCH_DTYPE_NAMES
@@ -119,7 +167,10 @@ class PositionalReader:
         else:
             offset, shape, rest = _leading_range(shape, dtype.itemsize, ops)
         nbytes = math.prod(shape) * dtype.itemsize
-        out = torch.empty(shape, dtype=dtype)
+        if buf is not None and buf.numel() >= nbytes:
+            out = buf[:nbytes].view(dtype).view(shape)
+        else:
+            out = torch.empty(shape, dtype=dtype)
         if nbytes:
             fd, data_start = self._open(path, info)
             self._pread(fd, out, nbytes, data_start + info.start + offset, path, info)
