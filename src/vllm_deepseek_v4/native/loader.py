@@ -123,6 +123,12 @@ class _Ctx:
 
         self.tp, self.rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         self.pad_shared = getattr(quant_config, "weight_block_size", None) is not None
+        # each tensor read is value-checked by its role (loader.values; DSV4_SKIP_VALUE_CHECKS=1: off)
+        self.checks: dict[tuple[str, tuple], Any] = {}
+        if device != "meta":
+            from ..loader.values import plan_checks, value_checks_enabled
+            if value_checks_enabled(plan.path):
+                self.checks = {(c.tensor, c.ops): c for c in plan_checks(plan).values()}
 
     def expert_mapping(self) -> dict[tuple[int, str], tuple[str, int, str]]:
         """(expert, w1|w2|w3) -> (param prefix below the FFN, expert id, shard id): vLLM's own mapping."""
@@ -146,7 +152,11 @@ class _Ctx:
             info = self.plan.checkpoint.tensors[src.tensor]
             dt = getattr(self.torch, TORCH_DTYPE_NAMES[info.dtype])
             return apply_ops(self.torch.empty(info.shape, dtype=dt, device="meta"), tuple(getattr(src, "ops", ()) or ()))
-        return self.reader.read_source(src)
+        t = self.reader.read_source(src)
+        check = self.checks.get((src.tensor, tuple(src.ops)))
+        if check is not None:
+            check.check(t)
+        return t
 
 
 def _adapt(torch: Any, w: Any, param: Any) -> Any:
