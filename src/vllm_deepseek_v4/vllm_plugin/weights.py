@@ -19,6 +19,7 @@ from ..errors import AliasMismatchError, MissingTensorError, PlanError
 from ..loader.load import assign_tensor as assign, check_filled  # noqa: F401  (used by model.py / mtp.py)
 from ..loader.plan import LoadPlan
 from ..loader.stream import apply_ops
+from ..loader.values import plan_checks, value_checks_enabled
 
 __all__ = ["PlanRouter", "assign", "check_filled"]
 
@@ -68,6 +69,8 @@ class PlanRouter:
         self._primary: dict[str, torch.Tensor] = {}       # values of aliased keys, until every copy is checked
         self._pending: dict[str, list[tuple[str, torch.Tensor]]] = {}   # aliases seen before their primary
         self._seen_aliases: set[tuple[str, str]] = set()
+        # each tensor's values checked by its role as it streams (loader.values; DSV4_SKIP_VALUE_CHECKS=1: off)
+        self._checks = plan_checks(plan) if value_checks_enabled(plan.path) else {}
 
     def route(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(canonical key, tensor)`` for every wanted key, comparing aliases on the way."""
@@ -81,6 +84,9 @@ class PlanRouter:
                 continue
             for tgt in targets:
                 t = apply_ops(tensor, tgt.ops).contiguous() if tgt.ops else tensor
+                check = None if tgt.alias else self._checks.get((name, tgt.key))
+                if check is not None:
+                    check.check(t, tgt.ops)
                 if tgt.alias:
                     self._alias(tgt.key, name, t)
                     continue
