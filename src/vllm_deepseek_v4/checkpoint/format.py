@@ -154,9 +154,10 @@ def _read_header(path: str, size: int) -> tuple[dict[str, object], int]:
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object", "a JSON object", type(header).__name__)
     # json keeps the last of repeated keys silently, so a tensor listed twice would only show as a gap before
-    # the next one. One entry per tensor has one "data_offsets" key: a count that differs is checked again
-    # with the pairs seen (a cost paid only then; the text may also occur inside a string).
-    if raw.count(b'"data_offsets"') != len(header) - ("__metadata__" in header):
+    # the next one. Each entry has one "dtype", "shape" and "data_offsets" key: a count that differs is checked
+    # again with the pairs seen (a cost paid only then; the text may also occur inside a string).
+    entries = len(header) - ("__metadata__" in header)
+    if any(raw.count(key) != entries for key in (b'"data_offsets"', b'"dtype"', b'"shape"')):
         json.loads(raw, object_pairs_hook=partial(_unique_keys, path))
     return header, 8 + hlen
 
