@@ -19,7 +19,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PA
 # Only while an in-process engine starts (so `vllm serve` children of other tests keep vLLM's defaults).
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
-from vllm_deepseek_v4.devtools.artifacts import to_convention, write_artifact  # noqa: E402
+from vllm_deepseek_v4.devtools.artifacts import make_draft_agree_, to_convention, write_artifact  # noqa: E402
 from tiny import make_config, make_model  # noqa: E402
 
 from vllm_deepseek_v4.config import DSV4Config  # noqa: E402
@@ -36,30 +36,10 @@ PROMPTS = [[3, 17, 42, 7, 99, 1, 250, 12, 5, 64, 33, 8, 200, 150, 9, 77, 31],
 
 
 # ---- models ----
-@torch.no_grad()
 def agreeable(model: DSV4Model, eps: float = 0.15, eps_mtp: float | None = None,
               h_scale: float | None = None) -> DSV4Model:
-    """Make ``mtp.0`` a good (not perfect) draft of a random model.
-
-    With the trunk's attention/MoE outputs scaled by ``eps`` the trunk is a bigram model plus an
-    ``eps``-sized context term; an MTP block with ``e_proj = I``, unit ``enorm`` and the trunk's final norm
-    predicts that bigram of the next token, and its own (``eps_mtp``) attention and the ``h_proj`` term
-    keep its KV cache and the trunk's streams relevant (both default to ``eps / 3``). ``eps = 0`` gives a
-    draft that always agrees.
-    """
-    eps_mtp = eps / 3 if eps_mtp is None else eps_mtp
-    h_scale = eps / 3 if h_scale is None else h_scale
-    for blk in list(model.layers) + list(model.mtp):
-        scale = eps if blk in list(model.layers) else eps_mtp
-        blk.attn.wo_b.weight.mul_(scale)
-        for e in blk.ffn.experts:
-            e.w2.weight.mul_(scale)
-        blk.ffn.shared_experts.w2.weight.mul_(scale)
-    m = model.mtp[0]
-    m.e_proj.weight.copy_(torch.eye(model.cfg.dim))
-    m.h_proj.weight.mul_(h_scale)
-    m.enorm.weight.fill_(1.0)
-    m.norm.weight.copy_(model.norm.weight)
+    """Make ``mtp.0`` a good (not perfect) draft of a random model (``artifacts.make_draft_agree_``)."""
+    make_draft_agree_(model.state_dict(), model.cfg, eps, eps_mtp, h_scale)
     return model
 
 

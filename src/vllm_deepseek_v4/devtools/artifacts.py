@@ -9,7 +9,7 @@ import json
 import re
 from math import ceil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -90,15 +90,46 @@ def float_tensors(cfg: dict[str, Any], *, seed: int = 0, include_mtp: bool = Tru
     return out
 
 
+# The linears whose output a block adds to its streams: attention's wo_b, every expert's w2.
+_BLOCK_OUTPUT = re.compile(r"(layers|mtp)\.\d+\.(attn\.wo_b|ffn\.experts\.\d+\.w2|ffn\.shared_experts\.w2)\.weight")
+
+
+@torch.no_grad()
+def make_draft_agree_(params: Mapping[str, torch.Tensor], cfg: DSV4Config, eps: float = 0.15,
+                      eps_mtp: float | None = None, h_scale: float | None = None) -> None:
+    """Make ``mtp.0`` a good (not perfect) draft of a random model, in place on its upstream-named tensors
+    (a checkpoint's, or a model's ``state_dict()``).
+
+    With the trunk's attention/MoE outputs scaled by ``eps`` the trunk is a bigram model plus an
+    ``eps``-sized context term; an MTP block with ``e_proj = I``, unit ``enorm`` and the trunk's final norm
+    predicts that bigram of the next token, and its own (``eps_mtp``) attention and the ``h_proj`` term
+    keep its KV cache and the trunk's streams relevant (both default to ``eps / 3``). ``eps = 0`` gives a
+    draft that always agrees.
+    """
+    eps_mtp = eps / 3 if eps_mtp is None else eps_mtp
+    h_scale = eps / 3 if h_scale is None else h_scale
+    for name, t in params.items():
+        if _BLOCK_OUTPUT.fullmatch(name):
+            t.mul_(eps if name.startswith("layers.") else eps_mtp)
+    params["mtp.0.e_proj.weight"].copy_(torch.eye(cfg.dim))
+    params["mtp.0.h_proj.weight"].mul_(h_scale)
+    params["mtp.0.enorm.weight"].fill_(1.0)
+    params["mtp.0.norm.weight"].copy_(params["norm.weight"])
+
+
 def canonical_tensors(cfg: dict[str, Any], schemes: dict[str, dict[str, str]] | None = None, *, seed: int = 0,
-                      flavor: str = "", include_mtp: bool = True) -> dict[str, torch.Tensor]:
+                      flavor: str = "", include_mtp: bool = True,
+                      edit: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the tiny model in upstream names; ``schemes[part][group]`` picks each group's format.
 
     Quantized groups hold the real quantization (``quant.numerics.quantize``) of the BF16 weights of
-    :func:`float_tensors` with the same ``seed``, so every scheme table writes the same model."""
+    :func:`float_tensors` with the same ``seed`` (after ``edit``, if given), so every scheme table writes the
+    same model."""
     c = DSV4Config.from_dict(cfg)
     schemes = schemes or {}
     out = float_tensors(cfg, seed=seed, include_mtp=include_mtp)
+    if edit is not None:
+        edit(out)
     for spec in expected_params(c, include_mtp=include_mtp):
         scheme = schemes.get(spec.part, {}).get(spec.group, "bf16") if spec.kind == LINEAR else "bf16"
         if scheme != "bf16":
