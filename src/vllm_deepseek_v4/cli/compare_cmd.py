@@ -6,7 +6,10 @@ then the MTP draft fed with *its own* main model's pre-``hc_head`` streams and t
 freed before the other is loaded, so peak memory is one model plus the logits.
 
 Exit codes: 0 both loaded and compared (whatever the distance: judging it is the user's call); 1 an artifact
-does not load or the two cannot be compared (different vocabularies); 2 usage (bad ``--ids``); 3 no such path.
+does not load (a tensor value check failed, too: ``loader.values``), the two cannot be compared (different
+vocabularies), or either's logits hold NaN/Inf (no distance is printed then: ``max_abs_diff: nan`` reads like
+a number); 2 usage (bad ``--ids``); 3 no such path. ``--no-value-checks`` loads without the value checks (a
+line on stderr says so); non-finite logits still fail.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ def add_parser(sub: Any) -> None:
                         "the sliding window and the compressors")
     p.add_argument("--json", action="store_true", help="print one JSON document to stdout")
     p.add_argument("--no-mtp", action="store_true", help="compare the main model only")
+    p.add_argument("--no-value-checks", action="store_true", help="load without checking tensor values "
+                   "(NaN/Inf, NaN scale codes, scales > 0, expert ids); off by default, said on stderr when used")
     p.set_defaults(func=run)
 
 
@@ -68,13 +73,15 @@ def config_differences(a: "DSV4Config", b: "DSV4Config") -> list[str]:
             if f.name not in _NOT_COMPARED and getattr(a, f.name) != getattr(b, f.name)]
 
 
-def run_artifact(plan: Any, ids: "torch.Tensor", *, mtp: bool, progress: bool) -> dict[str, "torch.Tensor"]:
+def run_artifact(plan: Any, ids: "torch.Tensor", *, mtp: bool, progress: bool,
+                 check_values: bool | None = None) -> dict[str, "torch.Tensor"]:
     """Load through ``plan`` in fp32 and return ``{"main": [S, V], "mtp.k": [S-1-k, V]}`` logits."""
     import torch
 
     from ..loader.load import load_model
 
-    model, _ = load_model(plan.path, dtype=torch.float32, include_mtp=mtp, progress=progress, plan=plan)
+    model, _ = load_model(plan.path, dtype=torch.float32, include_mtp=mtp, progress=progress, plan=plan,
+                          check_values=check_values)
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         main, hidden = model(ids)
@@ -97,9 +104,23 @@ def distance(a: "torch.Tensor", b: "torch.Tensor") -> dict[str, Any]:
             "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
 
 
+def require_finite(logits: "torch.Tensor", which: str, path: str) -> None:
+    """Non-finite logits make every distance NaN (or Inf): a failure naming the side, not a number."""
+    import torch
+
+    from ..errors import TensorValueError
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):
+        pos = int(bad.any(-1).to(torch.uint8).argmax())
+        raise TensorValueError(file=path, tensor=f"{which} logits", expected="finite logits to compare",
+                               found=f"{int(bad.sum())} non-finite values ({int(torch.isnan(logits).sum())} NaN), "
+                                     f"first at token position {pos}")
+
+
 def compare(path_a: str, path_b: str, ids: list[int] | None, *, mtp: bool = True,
-            progress: bool = False) -> dict[str, Any]:
-    """The whole comparison as the ``--json`` document. Raises ``DSV4Error`` when either cannot be loaded."""
+            progress: bool = False, check_values: bool | None = None) -> dict[str, Any]:
+    """The whole comparison as the ``--json`` document. Raises ``DSV4Error`` when either cannot be loaded or
+    either side's logits are not finite."""
     import torch
 
     from ..errors import ConfigError
@@ -123,8 +144,11 @@ def compare(path_a: str, path_b: str, ids: list[int] | None, *, mtp: bool = True
         raise IdsError(f"--ids: expected token ids in [0, {ca.vocab_size}) (vocab_size of {path_a}), "
                        f"found {bad[:8]}{' ...' if len(bad) > 8 else ''}")
     t = torch.tensor([ids], dtype=torch.long)
-    out_a = run_artifact(plans[0], t, mtp=mtp, progress=progress)
-    out_b = run_artifact(plans[1], t, mtp=mtp, progress=progress)
+    out_a = run_artifact(plans[0], t, mtp=mtp, progress=progress, check_values=check_values)
+    out_b = run_artifact(plans[1], t, mtp=mtp, progress=progress, check_values=check_values)
+    for out, path in ((out_a, path_a), (out_b, path_b)):
+        for key, logits in out.items():
+            require_finite(logits, key, path)
     report: dict[str, Any] = {"a": path_a, "b": path_b, "positions": len(ids),
                               "naming": [plans[0].naming, plans[1].naming],
                               "quant": [plans[0].quant_report(), plans[1].quant_report()],
@@ -162,7 +186,8 @@ def _human(rep: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        rep = compare(args.a, args.b, args.ids, mtp=not args.no_mtp, progress=sys.stderr.isatty())
+        rep = compare(args.a, args.b, args.ids, mtp=not args.no_mtp, progress=sys.stderr.isatty(),
+                      check_values=False if args.no_value_checks else None)
     except IdsError as e:
         print(f"dsv4 compare: error: {e}", file=sys.stderr)
         return 2
