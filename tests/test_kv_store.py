@@ -20,7 +20,7 @@ from vllm_deepseek_v4.errors import DSV4Error
 from vllm_deepseek_v4.model import AttnCache, ModelState
 from vllm_deepseek_v4.model.attention import history
 
-BLOCK = 16
+BLOCKS = 12           # blocks of every cache layer in the paged tests
 
 
 @pytest.fixture(scope="module")
@@ -56,21 +56,25 @@ def test_in_process_cache_refuses_a_step_out_of_order(model) -> None:
 # ---- paged, with vLLM's forward context and hand-made metadata ----
 @pytest.fixture(scope="module")
 def paged(model) -> Any:
-    """A ``PagedKV`` per layer with bound caches: 12 blocks of 16 slots per cache layer."""
+    """A ``PagedKV`` per layer with bound caches: 12 blocks per cache layer, each kind its own block size
+    (blocks of 4 tokens and up, so a request's window rows span several scattered blocks)."""
     pytest.importorskip("vllm")
     from vllm.config import VllmConfig, set_current_vllm_config
 
-    from vllm_deepseek_v4.vllm_plugin.kv import PagedKV, StepInputs, cache_geometry
+    from vllm_deepseek_v4.vllm_plugin import kv_layout
+    from vllm_deepseek_v4.vllm_plugin.kv import PagedKV, StepInputs
 
     cfg, vc, inputs = model.cfg, VllmConfig(), StepInputs()
-    with set_current_vllm_config(vc):
-        kvs = [PagedKV(cfg, cfg.ratio(i), f"layers.{i}.attn", inputs, BLOCK) for i in range(cfg.n_layers)]
-    width = cache_geometry(cfg)[0]
-    for kv in kvs:
-        for layer in (kv.row_cache, kv.entry_cache):
-            if layer is not None:
-                layer.bind_kv_cache(torch.full((12, 1, BLOCK, width), float("nan")))   # unwritten: NaN
+    with set_current_vllm_config(vc), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kv_layout, "MIN_BLOCK", 4)
+        kvs = [PagedKV(cfg, cfg.ratio(i), f"layers.{i}.attn", inputs, 256) for i in range(cfg.n_layers)]
+    for layer in _layers(kvs):
+        layer.bind_kv_cache(torch.full((BLOCKS, 1, layer.states, layer.kind.width), float("nan")))  # unwritten
     return vc, inputs, kvs
+
+
+def _layers(kvs: list[Any]) -> list[Any]:
+    return [c for kv in kvs for c in (kv.row_cache, kv.entry_cache, kv.index_cache) if c is not None]
 
 
 @contextmanager
@@ -89,15 +93,19 @@ def _run(model, paged, chunks: list[tuple[int, list[int], int]], tables: list[li
     ids = [t for _, toks, _ in chunks for t in toks]
     pos = [p0 + j for _, toks, p0 in chunks for j in range(len(toks))]
     reqs = [req for req, toks, _ in chunks for _ in toks]
-    slots = [tables[r][p // BLOCK] * BLOCK + p % BLOCK for r, p in zip(reqs, pos)] + [-1] * pad
     starts = [0]
     for _, toks, _ in chunks:
         starts.append(starts[-1] + len(toks))
     table = torch.tensor([tables[req] for req, _, _ in chunks], dtype=torch.int32)
-    groups = {kind: DSV4CacheMetadata(len(chunks), len(ids), torch.tensor(starts), torch.tensor(slots), table)
-              for kind in ("window", "compressed")}             # one metadata object per KV-cache group
-    metadata = {kv.row_cache.layer_name: groups["window"] for kv in kvs}
-    metadata |= {kv.entry_cache.layer_name: groups["compressed"] for kv in kvs if kv.entry_cache is not None}
+    groups: dict[Any, Any] = {}       # one metadata object per KV-cache group (= spec), as vLLM builds them
+    metadata = {}
+    for layer in _layers(kvs):
+        if layer.spec not in groups:
+            bs = layer.spec.block_size                          # the group's own slots (window: bs = states)
+            slots = [tables[r][p // bs] * bs + p % bs for r, p in zip(reqs, pos)] + [-1] * pad
+            groups[layer.spec] = DSV4CacheMetadata(len(chunks), len(ids), torch.tensor(starts),
+                                                   torch.tensor(slots), table)
+        metadata[layer.layer_name] = groups[layer.spec]
     with _step(vc, metadata):
         inputs.begin(torch.tensor(pos + [0] * pad))
         X = model.streams(torch.tensor([ids + [0] * pad]), ModelState(list(kvs)))
@@ -107,7 +115,7 @@ def _run(model, paged, chunks: list[tuple[int, list[int], int]], tables: list[li
 def test_paged_store_computes_what_the_in_process_cache_computes(model, paged) -> None:
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (40, 33, 36)]
-    tables = [[3, 7, 1], [0, 9, 4], [11, 2, 5]]                 # scattered blocks per request
+    tables = [[3, 7, 1, 10], [0, 9, 4, 6], [11, 2, 5, 8]]      # scattered blocks per request
     # (request, first, end): two prefills (+ padding); a decode, a chunk and a prefill; then mixed steps
     schedule = [[(0, 0, 17), (1, 0, 13)], [(0, 17, 18), (1, 13, 20), (2, 0, 30)], [(1, 20, 21), (0, 18, 27)]]
     schedule += [[(r, p, p + 1) for r, p in ((0, 27 + i), (1, 21 + i), (2, 30 + i)) if p < len(seqs[r])]
@@ -134,3 +142,28 @@ def test_paged_store_gives_zeros_without_metadata_and_raises_for_a_missing_layer
                                                                 r"metadata for this cache layer in this step"):
         inputs.begin(torch.arange(4))
         attn(x, 0, kvs[1])
+
+
+# ---- the layout (``vllm_plugin/kv_layout.py``) ----
+def test_every_kind_fills_one_page_with_its_natural_width() -> None:
+    """Window rows hold the latent and the pooling rows; entries and indexer keys one state per ``r``
+    tokens; every kind's block holds the same bytes, in a multiple of ``MIN_BLOCK`` tokens."""
+    from vllm_deepseek_v4.vllm_plugin.kv_layout import MIN_BLOCK, cache_geometry, layer_kinds
+
+    c = make_config(compress_ratios=[0, 4, 128, 0, 0])
+    g = cache_geometry(c)
+    d, i = c.head_dim, c.index_head_dim
+    assert [(k.suffix, k.width, k.tokens_per_state) for k in layer_kinds(c, 4)] == [
+        ("kv_window", d + 2 * 2 * d + 2 * 2 * i, 1), ("kv_compressed", d, 4), ("kv_index", i, 4)]
+    assert [(k.suffix, k.width, k.tokens_per_state) for k in layer_kinds(c, 128)] == [
+        ("kv_window", 3 * d, 1), ("kv_compressed", d, 128)]
+    assert [(k.suffix, k.width) for k in layer_kinds(c, 0)] == [("kv_window", d)]
+    kinds = [k for r in (0, 4, 128) for k in layer_kinds(c, r)]
+    for k in kinds:
+        assert g.states_per_block(k) * k.state_bytes == g.page_bytes
+        assert g.block_size(k) % MIN_BLOCK == 0
+    def fits(page: int) -> bool:
+        return all(page % k.state_bytes == 0 and (page // k.state_bytes * k.tokens_per_state) % MIN_BLOCK == 0
+                   for k in kinds)
+    assert fits(g.page_bytes) and not any(fits(p) for p in range(4, g.page_bytes, 4))   # the smallest such page
+    assert g.window == 128                     # the plain compressor pools 128 rows; CSA needs 8, attention 8
