@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vllm_deepseek_v4.devtools.artifacts import make_checkpoint, make_config
+from vllm_deepseek_v4.devtools.artifacts import make_checkpoint
 from vllm_deepseek_v4.errors import AliasMismatchError, MissingTensorError
 from vllm_deepseek_v4.loader.load import load_model
 from vllm_deepseek_v4.loader.plan import build_plan
 from vllm_deepseek_v4.model import build_model
 from vllm_deepseek_v4.loader.load import schemes_from_plan
-from vllm_deepseek_v4.vllm_plugin.kv import RowLayout, cache_geometry
 from vllm_deepseek_v4.vllm_plugin.weights import PlanRouter, assign, check_filled
 
 
@@ -84,16 +83,3 @@ def test_router_skips_the_other_models_share(tmp_path):
     router.finish()
     assert keys and all(k.startswith(("mtp.", "embed.", "head.")) for k in keys)
     assert "embed.weight" in keys and "head.weight" in keys
-
-
-def test_cache_geometry_covers_every_layer_and_the_pooling_rows():
-    cfg = make_config(compress_ratios=[0, 4, 128, 0], sliding_window=8)
-    from vllm_deepseek_v4.config import DSV4Config
-    c = DSV4Config.from_dict(cfg)
-    width, window = cache_geometry(c)
-    csa = RowLayout.of(c, 4)
-    assert csa.window_width == c.head_dim + 2 * 2 * c.head_dim + 2 * 2 * c.index_head_dim
-    assert csa.compressed_width == c.head_dim + c.index_head_dim
-    assert RowLayout.of(c, 128).window_width == 3 * c.head_dim and RowLayout.of(c, 0).window_width == c.head_dim
-    assert width == csa.window_width
-    assert window == 128                       # the plain compressor pools 128 rows; CSA needs 8, attention 8
