@@ -1,8 +1,11 @@
 """MTP acceptance through vLLM for every zoo layout: K = 1..3 and a no-spec baseline, greedy and sampled.
 
-Each layout runs ``dsv4 bench-acceptance`` (a fresh ``vllm serve`` per K, counters diffed, servers stopped by
-PID). Writes ``OUT.json`` + ``OUT.md`` (one row per layout x K x temperature, plus the health verdicts and the
-offline (no vLLM) acceptance of the same layout when ``benchmarks/results/offline_acceptance.json`` has it) and
+Each layout runs ``dsv4 bench-acceptance`` (a fresh ``vllm serve`` per K and drafting method, counters diffed,
+servers stopped by PID). At T > 0 both drafting methods by default (``--draft-sample-method both``): greedy
+drafting and probabilistic drafting (the draft samples from its own distribution). Writes ``OUT.json`` +
+``OUT.md`` (one row per layout x K x drafting x temperature, plus the health verdicts, the offline (no vLLM)
+greedy acceptance of the same layout when ``benchmarks/results/offline_acceptance.json`` has it, and with
+``--expected`` the portable model's exact expectation of position 0's acceptance on the served token ids) and
 two charts: per-position acceptance per layout (``OUT_per_position.png``) and speedup vs K (``OUT_speedup.png``).
 
     python benchmarks/acceptance.py --zoo /tmp/dsv4-zoo --out benchmarks/results/acceptance
@@ -19,8 +22,9 @@ from pathlib import Path
 from vllm_deepseek_v4.cli import bench_acceptance as ba
 from vllm_deepseek_v4.devtools.records import meta, write
 
-COLUMNS = ["layout", "k", "temperature", "acceptance", "per_position", "mean_acceptance_length", "offline_acceptance",
-           "tokens_per_s", "speedup", "greedy_matches_baseline", "healthy"]
+COLUMNS = ["layout", "k", "drafting", "temperature", "acceptance", "per_position", "expected_position_0",
+           "mean_acceptance_length", "offline_acceptance", "tokens_per_s", "speedup", "greedy_matches_baseline",
+           "healthy"]
 
 
 def layouts(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -49,10 +53,13 @@ def rows_for(name: str, report: dict, offline: dict) -> list[dict]:
     for cfg in report["configs"]:
         for temp, r in cfg["by_temperature"].items():
             s = r["spec"] or {}
-            rows.append({"layout": name, "k": "none" if cfg["k"] is None else cfg["k"], "temperature": float(temp),
-                         "acceptance": s.get("acceptance_rate"),
+            want = r.get("expected_acceptance")
+            rows.append({"layout": name, "k": "none" if cfg["k"] is None else cfg["k"],
+                         "drafting": None if cfg["k"] is None else r.get("draft_sample_method", "greedy"),
+                         "temperature": float(temp), "acceptance": s.get("acceptance_rate"),
                          "per_position": " / ".join(f"{p:.3f}" for p in s.get("per_position", [])),
                          "per_position_list": s.get("per_position", []),
+                         "expected_position_0": None if want is None else f"{want:.3f} ± {2 * r['expected_sd']:.3f}",
                          "mean_acceptance_length": s.get("mean_acceptance_length"),
                          "offline_acceptance": offline.get((name, cfg["k"])) if float(temp) == 0.0 else None,
                          "tokens_per_s": r["tokens_per_s"], "speedup": r.get("speedup"),
@@ -111,6 +118,8 @@ def main() -> int:
     ap.add_argument("--temperatures", default="0,0.8")
     ap.add_argument("--num-prompts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--draft-sample-method", default="both", choices=ba.DRAFTING)
+    ap.add_argument("--expected", action="store_true", help="the portable model's expectation per row (exact, k=1)")
     ap.add_argument("--serve-args", default="--dtype float32 --max-model-len 512 --enforce-eager")
     ap.add_argument("--no-baseline", action="store_true", help="skip the no-spec servers (rerun of some configs)")
     ap.add_argument("--rebuild-from", nargs="+", default=None, metavar="JSON",
@@ -133,16 +142,22 @@ def main() -> int:
             continue
         ns = ba.bench_args(path, k=args.k, temperatures=args.temperatures, num_prompts=args.num_prompts,
                            max_tokens=args.max_tokens, no_baseline=args.no_baseline, serve_args=args.serve_args,
-                           start_timeout=900.0)
+                           start_timeout=900.0, draft_sample_method=args.draft_sample_method, expected=args.expected)
         print(f"== {name}: {path}", file=sys.stderr)
         report = ba.bench(path, ns)
         for cfg in report["configs"]:                 # texts make the JSON huge; parity is already recorded
             for r in cfg["by_temperature"].values():
                 r.pop("texts", None)
+                r.pop("sequences", None)
         reports[name] = report
         rows += rows_for(name, report, offline)
         print(ba.format_table(report), file=sys.stderr)
     return finish(args, reports, refused, rows)
+
+
+def config_key(cfg: dict) -> tuple:
+    """A server configuration: K and its drafting (reports from before drafting was recorded drafted greedily)."""
+    return (cfg["k"], "" if cfg["k"] is None else cfg.get("draft_sample_method") or "greedy")
 
 
 def merge_reports(files: list[str]) -> tuple[dict, dict, list]:
@@ -158,10 +173,10 @@ def merge_reports(files: list[str]) -> tuple[dict, dict, list]:
             if name not in reports:
                 reports[name] = rep
                 continue
-            old = {c["k"]: c for c in reports[name]["configs"]}
+            old = {config_key(c): c for c in reports[name]["configs"]}
             for cfg in rep["configs"]:
-                if cfg["k"] in old:
-                    old[cfg["k"]]["by_temperature"].update(cfg["by_temperature"])
+                if config_key(cfg) in old:
+                    old[config_key(cfg)]["by_temperature"].update(cfg["by_temperature"])
                 else:
                     reports[name]["configs"].append(cfg)
     for rep in reports.values():           # speedups against the (possibly earlier) baseline, health again
@@ -171,7 +186,7 @@ def merge_reports(files: list[str]) -> tuple[dict, dict, list]:
                 for temp, r in cfg["by_temperature"].items():
                     if temp in base["by_temperature"]:
                         r["speedup"] = r["tokens_per_s"] / base["by_temperature"][temp]["tokens_per_s"]
-        rep["configs"].sort(key=lambda c: -1 if c["k"] is None else c["k"])
+        rep["configs"].sort(key=lambda c: (-1, "") if c["k"] is None else config_key(c))
         rep["health"] = ba.health(rep)
     return reports, refused, argvs
 
@@ -194,7 +209,11 @@ def finish(args: argparse.Namespace, reports: dict, refused: dict, rows: list, m
     charts = plot(rows, args.out)
     with open(args.out + ".md", "a") as fh:
         fh.write("\nacceptance = accepted / draft tokens; per position = accepted at i / drafts; mean acceptance "
-                 "length = 1 + accepted / drafts (bonus token included). Sequential requests (concurrency 1).\n")
+                 "length = 1 + accepted / drafts (bonus token included). Sequential requests (concurrency 1). "
+                 "drafting = vLLM's draft_sample_method (T = 0 always drafts greedily). expected_position_0 = the "
+                 "portable model's exact expectation (± 2 binomial sd) of position 0's acceptance on the served "
+                 "token ids (model/speculative.py expected_acceptance): greedy drafting accepts with "
+                 "p_target(argmax q), probabilistic with sum min(p_target, q_draft).\n")
         for name, probs in refused.items():
             fh.write(f"\n`{name}` not served: our load plan refuses it ({'; '.join(probs)}).\n")
         for c in charts:

@@ -139,3 +139,29 @@ def test_bench_args_takes_the_commands_defaults_and_refuses_unknown_options():
     assert args.temperatures == "0,0.8" and args.request_timeout == 300.0 and args.prompts_from_corpus is None
     with pytest.raises(TypeError, match="unknown option 'num_prompt'"):
         ba.bench_args("some/artifact", num_prompt=4)
+
+
+def test_server_plan_one_server_per_k_and_drafting_method():
+    assert ba.server_plan([1, 2], "probabilistic", [0.0, 0.8], True) == [
+        (None, None, [0.0, 0.8]), (1, "probabilistic", [0.0, 0.8]), (2, "probabilistic", [0.0, 0.8])]
+    # both: the greedy server covers T = 0 (where vLLM drafts greedily anyway), the probabilistic one T > 0 only
+    assert ba.server_plan([1], "both", [0.0, 0.8], False) == [(1, "greedy", [0.0, 0.8]), (1, "probabilistic", [0.8])]
+    assert ba.server_plan([1], "both", [0.0], False) == [(1, "greedy", [0.0])]
+    assert [ba.row_drafting(m, t) for m, t in [("probabilistic", 0.0), ("probabilistic", 0.8), (None, 0.8)]] == [
+        "greedy", "probabilistic", None]
+    assert ba.bench_args("x").draft_sample_method == "probabilistic"
+
+
+def test_bench_reports_the_drafting_method_of_every_row(tmp_path, monkeypatch, capsys):
+    rc, report = _run_cli(tmp_path, monkeypatch, "0.7,0.4", ["--k", "1", "--draft-sample-method", "both"])
+    assert rc == 0, capsys.readouterr()
+    assert report["draft_sample_method"] == "both"
+    assert [(c["k"], c["draft_sample_method"], list(c["by_temperature"])) for c in report["configs"]] == [
+        (None, None, ["0.0", "0.8"]), (1, "greedy", ["0.0", "0.8"]), (1, "probabilistic", ["0.8"])]
+    assert report["configs"][2]["by_temperature"]["0.8"]["draft_sample_method"] == "probabilistic"
+    assert report["configs"][1]["by_temperature"]["0.0"]["draft_sample_method"] == "greedy"
+    assert {p.name for p in tmp_path.glob("serve_*.log")} == {
+        "serve_baseline.log", "serve_k1_greedy.log", "serve_k1_probabilistic.log"}
+    table = capsys.readouterr().out
+    assert "| 1 | probabilistic | 0.8 |" in table and "| 1 | greedy | 0.8 |" in table and "| none | - | 0.0 |" in table
+    assert main(["bench-acceptance", "x", "--draft-sample-method", "sampled"]) == 2     # argparse's usage error

@@ -8,7 +8,10 @@ model); the plugin replaces it (``vllm_plugin/cpu_fixes.py``).
 - ``expand`` (ours, and what the CPU platform dispatches to after ``register``) repeats each request's value
   over its draft tokens for float32 / int32 / int64 and maps ``replace_from`` to ``replace_to``.
 - Acceptance of the shipped trained model at T = 0.8 through vLLM is close to what our portable model predicts
-  for the same sampled text: the mean of ``softmax(main / 0.8)`` at the draft's argmax.
+  for the same sampled text (``model/speculative.py`` ``expected_acceptance``): the mean of ``softmax(main / 0.8)``
+  at the draft's argmax for greedy drafting.
+- ``sampling_probs`` (what that expectation samples from) is vLLM's temperature + top-k + top-p, checked against
+  vLLM's own ``apply_top_k_top_p``.
 """
 from __future__ import annotations
 
@@ -58,21 +61,17 @@ def test_rejection_sampler_expands_temperature_on_cpu_after_register():
     assert top_k.tolist() == [5, 5, 7]
 
 
-@torch.no_grad()
-def expected_acceptance(model, sequences: list[tuple[list[int], list[int]]]) -> float:
-    """Mean ``softmax(main / T)[argmax draft]`` over the generated positions of ``(prompt, output)`` pairs: the
-    acceptance probability of a greedy one-token draft when the target samples at temperature ``T``."""
-    from vllm_deepseek_v4.model.mtp_eval import teacher_forced_logits
+@pytest.mark.parametrize("top_k,top_p", [(None, 0.9), (5, None), (7, 0.8), (None, None)])
+def test_sampling_probs_are_vllms_temperature_top_k_top_p(top_k, top_p):
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
-    probs = []
-    for prompt, output in sequences:
-        seq = torch.tensor([prompt + output])
-        main, draft = teacher_forced_logits(model, seq)
-        # the draft at p sees the trunk at p and token p + 1 and proposes token p + 2, which main[p + 1] scores
-        p = torch.arange(len(prompt) - 1, seq.shape[1] - 2)
-        target = torch.softmax(main[0, p + 1] / TEMPERATURE, dim=-1)
-        probs.append(target.gather(1, draft[0, p].argmax(-1, keepdim=True))[:, 0])
-    return float(torch.cat(probs).mean())
+    from vllm_deepseek_v4.model.speculative import sampling_probs
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    k = None if top_k is None else torch.full((6,), top_k)
+    p = None if top_p is None else torch.full((6,), top_p)
+    want = torch.softmax(apply_top_k_top_p(logits.clone() / TEMPERATURE, k, p), dim=-1)
+    assert torch.allclose(sampling_probs(logits, TEMPERATURE, top_k, top_p), want, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -82,6 +81,7 @@ def test_shipped_model_acceptance_at_temperature_matches_the_offline_expectation
 
     from vllm_deepseek_v4.assets import tiny_model_path
     from vllm_deepseek_v4.cli.bench_acceptance import load_prompts
+    from vllm_deepseek_v4.model.speculative import expected_acceptance
 
     path = tiny_model_path()
     tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
@@ -102,7 +102,7 @@ def test_shipped_model_acceptance_at_temperature_matches_the_offline_expectation
         torch.set_num_threads = set_threads               # the CPU worker stubs it out for the process
         set_threads(before_threads)
     rate = counters["num_accepted_tokens"] / counters["num_draft_tokens"]
-    want = expected_acceptance(vs.reference_model(path), list(zip(prompts, outputs)))
+    want = expected_acceptance(vs.reference_model(path), list(zip(prompts, outputs)), TEMPERATURE, "greedy")
     # ~250 one-token drafts: binomial sd ~0.03. The broken expand gave ~0.01 against ~0.3 expected.
     assert counters["num_draft_tokens"] >= 150
     assert abs(rate - want) < 0.1, f"acceptance {rate:.3f} at T={TEMPERATURE}, expected {want:.3f} offline"

@@ -1,10 +1,17 @@
 """``dsv4 bench-acceptance PATH``: MTP acceptance and speed of an artifact through ``vllm serve``, plus a health check.
 
-For K in ``--k`` (and a no-spec baseline) a fresh server is started (vLLM's counters are server-wide), the
-fixed prompt set goes through ``/v1/completions`` one request at a time at each temperature, and the
-spec-decode counters on ``/metrics`` are diffed around each batch. Reported per (K, temperature): acceptance
-rate, per-position acceptance, mean acceptance length, tokens/s and speedup vs the baseline; greedy texts are
-compared with the baseline's (speculative decoding must not change greedy output).
+For K in ``--k`` and each draft sampling method (and a no-spec baseline) a fresh server is started (vLLM's
+counters are server-wide), the fixed prompt set goes through ``/v1/completions`` one request at a time at each
+temperature, and the spec-decode counters on ``/metrics`` are diffed around each batch. Reported per (K, drafting,
+temperature): acceptance rate, per-position acceptance, mean acceptance length, tokens/s and speedup vs the
+baseline; greedy texts are compared with the baseline's (speculative decoding must not change greedy output).
+
+Drafting (``--draft-sample-method``, vLLM's ``draft_sample_method``): ``greedy`` proposes the draft's argmax, which
+a target sampling at T > 0 accepts with probability ``p_target(draft)``; ``probabilistic`` samples the draft
+token from the draft's own distribution and accepts it with ``min(1, p_target / p_draft)`` -- the same output
+distribution, far more accepted tokens. At T = 0 vLLM drafts greedily whatever the setting, so those rows say
+``greedy``. ``--expected`` adds the offline expectation of each row from the portable model, computed exactly
+from the two distributions on the served token ids (``model/speculative.py`` ``expected_acceptance``).
 
 Health: a draft whose greedy acceptance is near 0 is broken, not weak. The command says so (exit 1) and prints
 the usual causes (``LIKELY_CAUSES``, numbered as in ``docs/prior-art.md`` §1), after checking the artifact with our
@@ -20,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+DRAFTING = ("greedy", "probabilistic", "both")
 BROKEN_BELOW = 0.05   # greedy acceptance under 5 %: the draft is not predicting the target at all
 
 # How drafts that load without an error still accept nothing elsewhere (docs/prior-art.md §1, F1-F8).
@@ -50,6 +58,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-chars", type=int, default=320, help="characters per corpus prompt (default 320)")
     p.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--draft-sample-method", default="probabilistic", choices=DRAFTING,
+                   help="how the MTP draft picks its tokens at temperature > 0: greedy (argmax), probabilistic "
+                        "(sampled from the draft's distribution, accepted with min(1, p_target/p_draft)), or both "
+                        "(a server for each); temperature-0 rows always draft greedily (default probabilistic)")
+    p.add_argument("--expected", action="store_true",
+                   help="also compute each row's expected acceptance offline (portable model in fp32 on the served "
+                        "token ids; exact for k = 1 and for per-position acceptance at position 0)")
     p.add_argument("--no-baseline", action="store_true", help="skip the no-spec server (no speedup, no parity)")
     p.add_argument("--per-prompt", action="store_true",
                    help="also read /metrics after every request and record per-prompt draft counters (JSON)")
@@ -149,26 +164,48 @@ def select_prompts(args: Any) -> list[str]:
 
 
 # --- one server configuration -------------------------------------------------------------------------------
+def row_drafting(method: str | None, temperature: float) -> str | None:
+    """The drafting a row really gets: vLLM drafts greedily for an all-greedy batch whatever the setting."""
+    return None if method is None else "greedy" if temperature == 0 else method
+
+
+def server_plan(ks: list[int], drafting: str, temps: list[float], baseline: bool) -> list[tuple[Any, Any, list]]:
+    """``(k, draft_sample_method, temperatures)`` per server: the baseline (no spec) at every temperature; per K
+    one server per method, a probabilistic server next to a greedy one only at T > 0 (T = 0 rows are greedy)."""
+    methods = ["greedy", "probabilistic"] if drafting == "both" else [drafting]
+    plan: list[tuple[Any, Any, list]] = [(None, None, temps)] if baseline else []
+    for k in ks:
+        for m in methods:
+            mine = [t for t in temps if t > 0] if m == "probabilistic" and "greedy" in methods else temps
+            if mine:
+                plan.append((k, m, mine))
+    return plan
+
+
 def run_config(path: str, k: int | None, prompts: list[str], temperatures: list[float], args: Any,
-               log_dir: str, bar: Any) -> dict[str, Any]:
+               log_dir: str, bar: Any, method: str | None = None) -> dict[str, Any]:
     from .serve_client import Server, small_cpu_env
     extra = args.serve_args.split()
     if k is not None:
-        extra += ["--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": k})]
-    tag = f"k{k}" if k is not None else "baseline"
-    result: dict[str, Any] = {"k": k, "by_temperature": {}}
+        extra += ["--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": k,
+                                                      "draft_sample_method": method})]
+    tag = f"k{k}_{method}" if k is not None else "baseline"
+    result: dict[str, Any] = {"k": k, "draft_sample_method": method, "by_temperature": {}}
     cmd = args.server_cmd.split() if args.server_cmd else None
     with Server(path, extra, log_path=os.path.join(log_dir, f"serve_{tag}.log"),
                 start_timeout_s=args.start_timeout, cmd=cmd, env=small_cpu_env()) as server:
         server.complete(prompts[0], max_tokens=4, temperature=0.0, timeout=args.request_timeout)   # warm-up
         for temp in temperatures:
             before = server.spec_counters()
-            texts, tokens, per_prompt, t0 = [], 0, [], time.perf_counter()
+            texts, sequences, tokens, per_prompt, t0 = [], [], 0, [], time.perf_counter()
             last = before
             for j, prompt in enumerate(prompts):
                 resp = server.complete(prompt, max_tokens=args.max_tokens, temperature=temp,
-                                       seed=1234 + j if temp > 0 else None, timeout=args.request_timeout)
+                                       seed=1234 + j if temp > 0 else None, timeout=args.request_timeout,
+                                       return_token_ids=args.expected)
                 texts.append(resp["choices"][0]["text"])
+                if args.expected:
+                    sequences.append([resp["choices"][0]["prompt_token_ids"], resp["choices"][0]["token_ids"]])
                 tokens += int(resp["usage"]["completion_tokens"])
                 if k is not None and args.per_prompt:
                     now = server.spec_counters()
@@ -178,7 +215,10 @@ def run_config(path: str, k: int | None, prompts: list[str], temperatures: list[
             wall = time.perf_counter() - t0
             spec = (server.spec_counters() - before).summary() if k is not None else None
             result["by_temperature"][str(temp)] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                                                   "draft_sample_method": row_drafting(method, temp),
                                                    "spec": spec, "texts": texts}
+            if sequences:
+                result["by_temperature"][str(temp)]["sequences"] = sequences
             if per_prompt:     # per-request diffs; a step vLLM records after answering lands on the next request
                 result["by_temperature"][str(temp)]["per_prompt"] = [
                     {"drafts": int(c.drafts), "draft_tokens": int(c.draft_tokens), "accepted": int(c.accepted)}
@@ -215,16 +255,16 @@ def bench(path: str, args: Any, prompts: list[str] | None = None) -> dict[str, A
         prompts = select_prompts(args)
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="dsv4-bench-")
     os.makedirs(log_dir, exist_ok=True)
-    plan = [None] * (not args.no_baseline) + ks
+    plan = server_plan(ks, args.draft_sample_method, temps, not args.no_baseline)
     source = args.prompts_from_corpus or args.prompts or str(default_prompts_path())
     report: dict[str, Any] = {"path": os.path.abspath(path), "prompts": len(prompts), "prompt_source": source,
-                              "max_tokens": args.max_tokens,
+                              "max_tokens": args.max_tokens, "draft_sample_method": args.draft_sample_method,
                               "temperatures": temps, "serve_args": args.serve_args, "log_dir": log_dir, "configs": []}
-    with tqdm(total=len(plan) * len(temps) * len(prompts), desc="bench-acceptance", unit="req",
+    with tqdm(total=sum(len(t) for _, _, t in plan) * len(prompts), desc="bench-acceptance", unit="req",
               file=sys.stderr) as bar:
-        for k in plan:
-            bar.set_postfix_str("baseline" if k is None else f"k={k}")
-            report["configs"].append(run_config(path, k, prompts, temps, args, log_dir, bar))
+        for k, method, mine in plan:
+            bar.set_postfix_str("baseline" if k is None else f"k={k} {method}")
+            report["configs"].append(run_config(path, k, prompts, mine, args, log_dir, bar, method))
     base = next((c for c in report["configs"] if c["k"] is None), None)
     for cfg in report["configs"]:
         if cfg["k"] is None or base is None:
@@ -234,20 +274,44 @@ def bench(path: str, args: Any, prompts: list[str] | None = None) -> dict[str, A
         if "0.0" in cfg["by_temperature"]:
             cfg["greedy_matches_baseline"] = cfg["by_temperature"]["0.0"]["texts"] == base["by_temperature"]["0.0"]["texts"]
     report["health"] = health(report)
+    if args.expected:
+        add_expectations(path, report)
     return report
 
 
+def add_expectations(path: str, report: dict[str, Any]) -> None:
+    """``expected_acceptance`` per spec row: the portable model's exact expectation on the served sequences of
+    a one-token draft's acceptance (compare with the row's position-0 acceptance), and its binomial noise."""
+    import torch
+
+    from ..loader.load import load_model
+    from ..model.speculative import expected_acceptance
+    model, _ = load_model(path, dtype=torch.float32, progress=False)
+    model.eval()
+    for cfg in report["configs"]:
+        for temp, r in cfg["by_temperature"].items():
+            if cfg["k"] is None or not r.get("sequences") or not r["spec"] or not r["spec"]["drafts"]:
+                continue
+            want = expected_acceptance(model, [tuple(s) for s in r["sequences"]], float(temp),
+                                       r["draft_sample_method"])
+            r["expected_acceptance"] = want
+            r["expected_sd"] = (want * (1 - want) / r["spec"]["drafts"]) ** 0.5    # of position 0's rate
+
+
 def format_table(report: dict[str, Any]) -> str:
-    lines = ["| K | temp | acceptance | per position | mean acc. len | tokens/s | speedup | greedy = baseline |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| K | drafting | temp | acceptance | per position | expected pos. 0 (offline) | mean acc. len | "
+             "tokens/s | speedup | greedy = baseline |", "|---|---|---|---|---|---|---|---|---|---|"]
     for cfg in report["configs"]:
         for temp, r in cfg["by_temperature"].items():
             s = r["spec"] or {}
             rate = s.get("acceptance_rate")
-            lines.append("| {} | {} | {} | {} | {} | {:.1f} | {} | {} |".format(
-                "none" if cfg["k"] is None else cfg["k"], temp,
+            want = r.get("expected_acceptance")
+            lines.append("| {} | {} | {} | {} | {} | {} | {} | {:.1f} | {} | {} |".format(
+                "none" if cfg["k"] is None else cfg["k"],
+                "-" if cfg["k"] is None else r.get("draft_sample_method", "greedy"), temp,  # old reports: greedy
                 "-" if rate is None else f"{rate:.1%}",
                 " / ".join(f"{p:.1%}" for p in s.get("per_position", [])) or "-",
+                "-" if want is None else f"{want:.1%} ± {2 * r['expected_sd']:.1%}",
                 "-" if s.get("mean_acceptance_length") is None else f"{s['mean_acceptance_length']:.2f}",
                 r["tokens_per_s"], f"{r['speedup']:.2f}x" if "speedup" in r else "-",
                 {True: "yes", False: "NO", None: "-"}[cfg.get("greedy_matches_baseline") if temp == "0.0" else None]))

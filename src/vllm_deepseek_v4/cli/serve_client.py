@@ -184,11 +184,14 @@ class Server:
         return self._model_id
 
     def complete(self, prompt: str, *, max_tokens: int, temperature: float, seed: int | None = None,
-                 timeout: float = 300.0) -> dict[str, Any]:
+                 timeout: float = 300.0, return_token_ids: bool = False) -> dict[str, Any]:
+        """One completion; ``return_token_ids`` adds the choice's ``prompt_token_ids`` and ``token_ids``."""
         payload: dict[str, Any] = {"model": self.served_model(), "prompt": prompt, "max_tokens": max_tokens,
                                    "temperature": temperature, "ignore_eos": True}
         if seed is not None:
             payload["seed"] = seed
+        if return_token_ids:
+            payload["return_token_ids"] = True
         return http_json(self.base + "/v1/completions", payload, timeout=timeout)
 
     def spec_counters(self, timeout: float = 30.0) -> SpecCounters:

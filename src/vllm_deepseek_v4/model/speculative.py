@@ -13,6 +13,14 @@ Speculative loop (batch 1), with ``P`` the position of the pending token ``x`` (
 
 The committed tokens are main-model argmaxes only, so the output equals plain greedy decoding up to
 floating-point differences between a chunked and a one-token forward (the tests and benchmarks check it).
+
+Expected acceptance at temperature ``T`` (:func:`expected_acceptance`), exactly from the two distributions: with
+``p`` the target's sampling distribution (``softmax(logits / T)``, then top-k / top-p, as vLLM's rejection sampler
+applies them) and ``q`` the draft's, one draft token is accepted with probability ``p(argmax q)`` under greedy
+drafting (vLLM's default ``draft_sample_method``) and ``sum_x min(p(x), q(x))`` under probabilistic drafting
+(the draft samples from ``q = softmax(draft_logits / T)`` -- vLLM applies the temperature only, never top-k /
+top-p, to the draft -- and vLLM accepts with ``min(1, p / q)``). At ``T = 0`` both reduce to
+``argmax q == argmax p``.
 """
 from __future__ import annotations
 
@@ -24,7 +32,10 @@ from ..errors import DSV4Error
 from .kv_store import AttnCache
 from .model import DSV4Model, ModelState
 
-__all__ = ["SpecStats", "snapshot_state", "greedy_generate", "speculative_generate"]
+__all__ = ["SpecStats", "snapshot_state", "greedy_generate", "speculative_generate", "DRAFT_SAMPLE_METHODS",
+           "sampling_probs", "draft_acceptance", "expected_acceptance"]
+
+DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")      # vLLM's SpeculativeConfig.draft_sample_method values
 
 
 @dataclass
@@ -141,3 +152,61 @@ def speculative_generate(model: DSV4Model, ids: torch.Tensor, n: int, k: int) ->
         draft_logits, Z = model.forward_mtp(hidden[:, : a + 1], ids.new_tensor([new]), mtp_state)
         pending = new[-1]
     return out[:n], stats
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """The distribution vLLM samples from for ``logits [..., V]`` at ``temperature > 0``: ``softmax(logits / T)``,
+    restricted to the ``top_k`` most likely tokens and to the smallest most-likely set holding ``top_p`` of the
+    mass, renormalised (fp32)."""
+    if temperature <= 0:
+        raise ValueError(f"sampling_probs: temperature must be > 0 (greedy has no distribution), got {temperature}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_k is None and top_p is None:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    if top_k is not None:
+        sorted_p[..., top_k:] = 0
+        sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+    if top_p is not None:                     # top-k first: keep a token while the mass before it is < top_p
+        sorted_p = sorted_p * ((sorted_p.cumsum(-1) - sorted_p) < top_p)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def draft_acceptance(target_logits: torch.Tensor, draft_logits: torch.Tensor, temperature: float, method: str,
+                     *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Per row of ``[..., V]`` logits: the probability that vLLM accepts one draft token (module docstring)."""
+    if method not in DRAFT_SAMPLE_METHODS:
+        raise ValueError(f"draft_acceptance: method must be one of {DRAFT_SAMPLE_METHODS}, got {method!r}")
+    if temperature == 0:
+        return (target_logits.argmax(-1) == draft_logits.argmax(-1)).float()
+    p = sampling_probs(target_logits, temperature, top_k, top_p)
+    if method == "greedy":
+        return p.gather(-1, draft_logits.argmax(-1, keepdim=True))[..., 0]
+    return torch.minimum(p, sampling_probs(draft_logits, temperature)).sum(-1)
+
+
+@torch.no_grad()
+def expected_acceptance(model: DSV4Model, sequences: list[tuple[list[int], list[int]]], temperature: float,
+                        method: str, *, top_k: int | None = None, top_p: float | None = None) -> float:
+    """Mean acceptance of a one-token draft over the generated tokens of ``(prompt, output)`` pairs, teacher-forced.
+
+    The draft at ``p`` (main streams at ``p``, token ``p + 1``) proposes token ``p + 2``, which ``main[p + 1]``
+    scores; every output token but the first (the prefill's) is a draft target. This is the exact expectation
+    of vLLM's acceptance at k = 1 on those sequences up to which positions get drafted (an accepted token is
+    not drafted for again); for k > 1 it is the expectation of per-position acceptance at position 0. Deeper
+    positions (chained drafts on sampled prefixes) are not computed here."""
+    from .mtp_eval import teacher_forced_logits
+
+    rates = []
+    for prompt, output in sequences:
+        if len(prompt) < 1 or len(output) < 2:
+            continue
+        seq = torch.tensor([list(prompt) + list(output)])
+        main, draft = teacher_forced_logits(model, seq)
+        p = torch.arange(len(prompt) - 1, seq.shape[1] - 2)
+        rates.append(draft_acceptance(main[0, p + 1], draft[0, p], temperature, method, top_k=top_k, top_p=top_p))
+    if not rates:
+        raise ValueError("expected_acceptance: no sequence with a prompt and at least two output tokens")
+    return float(torch.cat(rates).mean())
