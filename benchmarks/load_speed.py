@@ -17,7 +17,13 @@ Each measurement runs in its own child process and reports that process's peak r
   schemes, stream tensor by tensor, assign into the model, check nothing is left unfilled);
 - ``safe_open drop`` / ``iter_plan_tensors``: the same two reads, each tensor dropped after reading (the
   streaming cost alone);
-- ``safe_open map only``: ``get_tensor`` without touching the data, for reference: it only maps the file.
+- ``safe_open map only``: ``get_tensor`` without touching the data, for reference: it only maps the file;
+- ``load_model unchecked``: ``load_model`` with the tensor value checks off (``check_values=False``), so that
+  ``load_model`` / ``load_model unchecked`` is the cost of the checks (``loader.values``; target <= 10 %);
+- ``verify --values``: what ``dsv4 verify --values`` runs: ``build_plan`` + ``stream.scan_values`` (every
+  planned tensor read once into one reused buffer and value-checked), against
+- ``plain read``: every shard file read start to end with ``readinto`` into one reused 64 MB buffer (the
+  bytes alone, nothing checked or kept); target: ``verify --values`` >= 0.8x its GB/s.
 
 The page cache is warmed once by reading every shard before any measurement, so all of them read from memory.
 Every child runs torch with one intra-op thread: on a small shared box, multi-threaded copies out of a memory
@@ -46,8 +52,13 @@ from typing import Any
 from vllm_deepseek_v4.devtools.records import meta, write
 
 NATIVE = {"attn": "fp8_block", "indexer": "fp8_block", "shared_experts": "fp8_block", "experts": "mxfp4"}
-MEASURES = ("safe_open map only", "safe_open drop", "iter_plan_tensors", "safe_open keep", "load_model")
-PAIRS = (("load_model", "safe_open keep"), ("iter_plan_tensors", "safe_open drop"))
+MEASURES = ("safe_open map only", "safe_open drop", "iter_plan_tensors", "safe_open keep", "load_model",
+            "load_model unchecked", "plain read", "verify --values")
+# (ours, baseline): throughput_ratio = ours GB/s / baseline GB/s (= baseline s / ours s where bytes agree)
+PAIRS = (("load_model", "safe_open keep"), ("iter_plan_tensors", "safe_open drop"),
+         ("load_model", "load_model unchecked"), ("verify --values", "plain read"))
+TARGETS = {("load_model", "load_model unchecked"): ("check_overhead", 0.10),
+           ("verify --values", "plain read"): ("throughput_ratio", 0.8)}
 
 
 def bench_config(experts: int) -> dict[str, Any]:
@@ -157,13 +168,13 @@ def measure(kind: str, path: str) -> dict[str, Any]:
 
     from vllm_deepseek_v4.loader.load import load_model
     from vllm_deepseek_v4.loader.plan import build_plan
-    from vllm_deepseek_v4.loader.stream import iter_plan_tensors
+    from vllm_deepseek_v4.loader.stream import iter_plan_tensors, scan_values
 
     with open(os.path.join(path, "model.safetensors.index.json")) as fh:
         files = sorted(set(json.load(fh)["weight_map"].values()))
     torch.set_num_threads(1)                        # see the module docstring
     torch.zeros(1)                                  # torch's allocator up before the clock starts
-    if not kind.startswith("safe_open"):
+    if not kind.startswith(("safe_open", "plain")):
         build_plan(path)                            # lazy imports (naming rules, tqdm) before the clock
     rss0 = _status_bytes("VmRSS")
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
@@ -182,12 +193,23 @@ def measure(kind: str, path: str) -> dict[str, Any]:
                         kept[k] = t
     elif kind == "iter_plan_tensors":
         nbytes = sum(t.numel() * t.element_size() for _, t in iter_plan_tensors(build_plan(path), progress=False))
-    elif kind == "load_model":
-        kept, _ = load_model(path, dtype=torch.bfloat16, progress=False)
+    elif kind.startswith("load_model"):
+        kept, _ = load_model(path, dtype=torch.bfloat16, progress=False, check_values=kind == "load_model")
+    elif kind == "verify --values":
+        result = scan_values(build_plan(path))
+        if result.problems:
+            raise SystemExit(f"the benchmark artifact fails its value checks: {result.problems[:3]}")
+        nbytes = result.nbytes
+    elif kind == "plain read":
+        buf, nbytes = memoryview(bytearray(64 << 20)), 0
+        for f in files:
+            with open(os.path.join(path, f), "rb", buffering=0) as fh:
+                while n := fh.readinto(buf):
+                    nbytes += n
     else:
         raise ValueError(kind)
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-    if kind == "load_model":
+    if kind.startswith("load_model"):
         nbytes = sum(t.numel() * t.element_size() for t in list(kept.parameters()) + list(kept.buffers()))
     peak = _status_bytes("VmHWM")
     held = nbytes if kept else 0
@@ -242,13 +264,22 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                       "cpu_s": statistics.median(r["cpu_s"] for r in rs),
                       "GB_per_s": peak["bytes"] / statistics.median(secs) / 1e9, "rounds": len(rs),
                       "peak_extra_vs_largest": peak["peak_extra_MB"] / largest}
-    for ours, base in PAIRS:
-        rows[ours]["vs"] = base
-        rows[ours]["throughput_ratio"] = rows[base]["seconds"] / rows[ours]["seconds"]
-        rows[ours]["ratio_of_min"] = rows[base]["min_s"] / rows[ours]["min_s"]
-        rows[ours]["cpu_ratio"] = rows[base]["cpu_s"] / rows[ours]["cpu_s"]
+    out: list[dict[str, Any]] = [r for kind, r in rows.items() if kind not in {o for o, _ in PAIRS}]
+    for ours, base in PAIRS:             # one row per pair (load_model appears twice: two baselines)
+        o, b = rows[ours], rows[base]
+        per_byte = o["bytes"] / b["bytes"]
+        row = {**o, "vs": base, "throughput_ratio": o["GB_per_s"] / b["GB_per_s"],
+               "ratio_of_min": b["min_s"] / o["min_s"] * per_byte, "cpu_ratio": b["cpu_s"] / o["cpu_s"] * per_byte}
+        if (ours, base) in TARGETS:
+            metric, target = TARGETS[(ours, base)]
+            if metric == "check_overhead":
+                row["check_overhead"] = o["seconds"] / b["seconds"] - 1
+            row["target"] = f"{metric} {'<=' if metric == 'check_overhead' else '>='} {target:g}"
+            value = row[metric]
+            row["met"] = "yes" if (value <= target if metric == "check_overhead" else value >= target) else "no"
+        out.append(row)
     info["loadavg_1min_after"] = os.getloadavg()[0]
-    return list(rows.values()), info
+    return out, info
 
 
 def main() -> None:
@@ -268,13 +299,18 @@ def main() -> None:
         return
     rows, info = run(args)
     cols = ["measure", "seconds", "min_s", "max_s", "cpu_s", "GB_per_s", "vs", "throughput_ratio", "ratio_of_min",
-            "cpu_ratio", "peak_rss_MB", "kept_MB", "peak_extra_MB", "peak_extra_vs_largest"]
+            "cpu_ratio", "check_overhead", "target", "met", "peak_rss_MB", "kept_MB", "peak_extra_MB",
+            "peak_extra_vs_largest"]
     print(f"artifact: {info['bytes'] / 1e9:.2f} GB, {info['tensors']} tensors in {info['files']} files, largest "
           f"tensor {info['largest_tensor_bytes'] / 2**20:.0f} MB (built in {info['build_s']:.0f} s); "
           f"load average after: {info['loadavg_1min_after']:.1f}")
     print(" ".join(f"{c:>17s}" for c in cols))
     for r in rows:
         print(" ".join(f"{r.get(c, ''):>17.4g}" if isinstance(r.get(c), float) else f"{r.get(c, ''):>17}" for c in cols))
+    for r in rows:
+        if "target" in r:
+            value = r.get("check_overhead", r["throughput_ratio"])
+            print(f"{r['measure']} vs {r['vs']}: {value:.3f} (target {r['target']}): {'MET' if r['met'] == 'yes' else 'NOT MET'}")
     if args.out:
         m = meta()
         m["artifact"] = info
@@ -297,6 +333,12 @@ Ours: `iter_plan_tensors` (plan + stream, tensors dropped) and `load_model` (pla
 detected schemes, every tensor read with one `os.preadv` straight into the storage the model keeps).
 `peak_extra_MB` = peak RSS (VmHWM) - RSS before - bytes kept; for safe_open it includes the mapped file pages
 touched. Built by `python benchmarks/load_speed.py --out benchmarks/results/load_speed` (see its docstring).
+
+Value checks (`loader.values`): `load_model` vs `load_model unchecked` is the same load with and without the
+per-tensor checks (NaN/Inf, FP8/E8M0 NaN codes, scales > 0, expert ids); `check_overhead` = median seconds
+with / without - 1 (target <= 0.10; `cpu_ratio` < 1 by the same margin is the CPU-time view). `verify --values`
+(plan + `scan_values`: every planned tensor read once into one reused buffer and checked) vs `plain read`
+(every shard read with `readinto` into one reused buffer): `throughput_ratio` = GB/s ratio (target >= 0.8).
 """
 
 
