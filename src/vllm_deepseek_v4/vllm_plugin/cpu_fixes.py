@@ -9,6 +9,13 @@ logits are then divided by garbage: acceptance at temperature > 0 collapses (tin
 expected ~30 %, ngram 0.6 % instead of 6 %) and rejected positions are resampled from a wrong distribution.
 Greedy requests never expand, so greedy output is unaffected.
 
+Both drafting methods (``draft_sample_method`` greedy and probabilistic) reach ``expand`` only there: in vLLM
+0.32 ``expand_batch_to_tokens`` has no other caller than ``apply_sampling_constraints``, which builds the target's
+per-draft-token distribution for either method; the probabilistic draft's own distribution is computed per
+request by the proposer (``compute_probs_and_sample_next_token``: temperature only, no expand). The other CPU
+rejection kernels (``rejection_random_sample``, ``sample_recovered_tokens``) copy their int64 results back;
+``tests/test_losslessness.py`` checks the sampled distribution end to end.
+
 ``patch_cpu_expand`` swaps in :func:`expand` below, by attribute on ``cpu_triton_utils`` before the CPU platform
 registers its kernel overrides (``WorkerBase`` loads general plugins first, ``vllm/v1/worker/worker_base.py``),
 so it takes effect in every worker. It does nothing on platforms that never use that module.
