@@ -3,7 +3,7 @@
 What it holds and why: ``vllm_deepseek_v4.devtools.flash_dims``. ``--check`` then loads it into the portable
 model (fp32) and runs one seeded 300-token prompt: the logits must be finite and spread, the argmax varied.
 
-    python scripts/flash_dims_model.py OUT [--seed 0] [--native] [--check]
+    python scripts/flash_dims_model.py OUT [--seed 0] [--agree 0.15 | --random-draft] [--native] [--check]
 """
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output directory (config.json, safetensors shards, index, flash_dims.json)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--agree", type=float, default=0.15,
+                    help="scale of the trunk's block outputs that makes the MTP layer a good draft (default 0.15)")
+    ap.add_argument("--random-draft", action="store_true", help="leave the MTP layer random (drafts rejected)")
     ap.add_argument("--native", action="store_true", help="Flash's published format: FP8 block + MXFP4 experts")
     ap.add_argument("--check", action="store_true", help="run the portable model once and check its logits")
     args = ap.parse_args()
@@ -47,7 +50,7 @@ def main() -> int:
     print(f"{flash_dims.param_count(cfg) / 1e9:.3f} B parameters "
           f"({'FP8 + MXFP4' if args.native else 'BF16'}, seed {args.seed})")
     t = time.perf_counter()
-    flash_dims.write(args.out, seed=args.seed, native=args.native)
+    flash_dims.write(args.out, seed=args.seed, agree=None if args.random_draft else args.agree, native=args.native)
     print(f"written to {args.out} in {time.perf_counter() - t:.1f} s")
     problem = check(args.out, cfg["vocab_size"]) if args.check else None
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

@@ -6,12 +6,14 @@ shape attention is cut down: 3 layers (Flash's layers 1-3: sliding + hash routin
 routing, HCA ratio 128 + biased routing), one MTP layer (sliding, as Flash's), 4 routed experts (top-2) and
 one shared one of width 256, and a 1024-token vocabulary. That is 0.56 B parameters (1.1 GB in BF16).
 
-The tensors come from ``artifacts.float_tensors`` (scaled so activations stay O(1)) and are written by
-``artifacts.write_artifact``; ``write(..., native=True)`` writes Flash's published format instead (FP8 block
-attention / shared experts / MTP projections, MXFP4 routed experts: ``artifacts.canonical_tensors`` with
-``artifacts.NATIVE``). Each artifact records its :func:`key` (a hash of the config, seed, format and this
-generator) in ``flash_dims.json``, so a cache directory can reuse it. Command line:
-``scripts/flash_dims_model.py``.
+The tensors come from ``artifacts.canonical_tensors`` (random, scaled so activations stay O(1)), with the
+MTP layer made a good-but-imperfect draft (``artifacts.make_draft_agree_``, ``agree = 0.15``: the trunk's
+blocks add ``0.15 x`` their output, so greedy tokens still vary, and drafts are accepted about half the time,
+so vLLM's accept *and* reject paths both run), and are written by ``artifacts.write_artifact``.
+``write(..., native=True)`` writes Flash's published format instead (FP8 block attention / shared experts /
+MTP projections, MXFP4 routed experts: ``artifacts.NATIVE``). Each artifact records its :func:`key` (a hash
+of the config, seed, format and this generator) in ``flash_dims.json``, so a cache directory can reuse it.
+Command line: ``scripts/flash_dims_model.py``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Any
 from ..config import DSV4Config
 from ..loader.expected import expected_params
 from . import flash
-from .artifacts import NATIVE, canonical_tensors, float_tensors, write_artifact
+from .artifacts import NATIVE, canonical_tensors, make_draft_agree_, write_artifact
 
 __all__ = ["ATTENTION_KEYS", "config", "param_count", "key", "write", "cached"]
 
@@ -57,32 +59,40 @@ def param_count(cfg: dict[str, Any]) -> int:
     return sum(math.prod(s.shape) for s in expected_params(DSV4Config.from_dict(cfg), include_mtp=True))
 
 
-def key(cfg: dict[str, Any], seed: int, native: bool) -> str:
-    """What the artifact's content is a function of: config, seed, format and this generator's source."""
-    h = hashlib.sha256(json.dumps([cfg, seed, native], sort_keys=True).encode())
+def key(cfg: dict[str, Any], seed: int, agree: float | None, native: bool) -> str:
+    """What the artifact's content is a function of: config, seed, draft agreement, format and this
+    generator's source."""
+    h = hashlib.sha256(json.dumps([cfg, seed, agree, native], sort_keys=True).encode())
     for src in (Path(__file__), Path(__file__).with_name("artifacts.py")):
         h.update(src.read_bytes())
     return h.hexdigest()[:16]
 
 
-def write(out: Path | str, *, seed: int = 0, native: bool = False, **dims: Any) -> Path:
-    """Write the artifact to ``out`` (BF16, or Flash's FP8 + MXFP4 with ``native``); returns ``out``."""
+def write(out: Path | str, *, seed: int = 0, agree: float | None = 0.15, native: bool = False,
+          **dims: Any) -> Path:
+    """Write the artifact to ``out`` (BF16, or Flash's FP8 + MXFP4 with ``native``); ``agree=None`` leaves
+    the MTP layer as random as the rest (its drafts are then almost never accepted). Returns ``out``."""
     cfg = config(native=native, **dims)
-    tensors = (canonical_tensors(cfg, {p: dict(g) for p, g in NATIVE.items()}, seed=seed) if native
-               else float_tensors(cfg, seed=seed))
-    manifest = {"key": key(cfg, seed, native), "seed": seed, "format": "fp8+mxfp4" if native else "bf16",
-                "parameters": param_count(cfg)}
+
+    def edit(tensors: dict[str, Any]) -> None:
+        if agree is not None:
+            make_draft_agree_(tensors, DSV4Config.from_dict(cfg), agree)
+    tensors = canonical_tensors(cfg, {p: dict(g) for p, g in NATIVE.items()} if native else None, seed=seed,
+                                edit=edit)
+    manifest = {"key": key(cfg, seed, agree, native), "seed": seed, "agree": agree,
+                "format": "fp8+mxfp4" if native else "bf16", "parameters": param_count(cfg)}
     # the manifest goes last: a directory with one is complete
     path = write_artifact(out, tensors, cfg, shards=4)
     (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return path
 
 
-def cached(root: Path | str, *, seed: int = 0, native: bool = False, **dims: Any) -> Path:
+def cached(root: Path | str, *, seed: int = 0, agree: float | None = 0.15, native: bool = False,
+           **dims: Any) -> Path:
     """The artifact under ``root/<key>``: written there unless a complete one with that key exists."""
-    k = key(config(native=native, **dims), seed, native)
+    k = key(config(native=native, **dims), seed, agree, native)
     path = Path(root) / k
     manifest = path / MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()).get("key") == k:
         return path
-    return write(path, seed=seed, native=native, **dims)
+    return write(path, seed=seed, agree=agree, native=native, **dims)
