@@ -29,7 +29,8 @@ EXPECTED_METHODS: dict[tuple[str, str], tuple[str, ...]] = {
     ("fp8_block", "linear"): ("Fp8LinearMethod", "CompressedTensorsLinearMethod"),
     ("fp8_block", "experts"): ("Fp8MoEMethod", "CompressedTensorsW8A8Fp8MoEMethod"),
     ("mxfp4", "experts"): ("Mxfp4MoEMethod",),
-    ("nvfp4", "linear"): ("CompressedTensorsLinearMethod", "ModelOptNvFp4LinearMethod"),
+    # DenseFp4WeightMethod: vLLM's method wrapped where DSv4's forward has no kernel (draft_kernels.GAPS)
+    ("nvfp4", "linear"): ("CompressedTensorsLinearMethod", "ModelOptNvFp4LinearMethod", "DenseFp4WeightMethod"),
     ("nvfp4", "experts"): ("ModelOptNvFp4FusedMoE", "CompressedTensorsW4A4Nvfp4MoEMethod",
                            "CompressedTensorsW4A4Nvfp4MoeMethod"),
     ("w4a16", "linear"): ("CompressedTensorsLinearMethod",),
@@ -52,6 +53,7 @@ class ClassReport:
     quant_methods: dict[str, str] = field(default_factory=dict)
     quant_mismatches: list[str] = field(default_factory=list)
     filled: dict[str, list[str]] = field(default_factory=dict)    # vLLM param -> on-disk tensors, for messages
+    own_kernels: dict[str, str] = field(default_factory=dict)     # module -> our kernel (draft_kernels.GAPS)
 
     @property
     def ok(self) -> bool:
@@ -66,6 +68,7 @@ class ClassReport:
         if with_methods:
             out["quant_methods"] = self.quant_methods
             out["quant_mismatches"] = self.quant_mismatches
+            out["own_kernels"] = self.own_kernels
         return out
 
 

@@ -65,13 +65,15 @@ def _with_quant(vc: Any, qc: Any) -> Any:
 
 
 def load_native(path: str, *, device: str = "meta", tp: int = 1, rank: int = 0, plan: Any = None,
-                with_mtp: bool = True) -> NativeResult:
+                with_mtp: bool = True, own_kernels: bool = True) -> NativeResult:
     """Build vLLM's own target (and MTP draft) for ``path`` and load them through our plan.
 
     ``device="meta"`` reads headers only (tensors become meta tensors of the right dtype and shape);
     ``"cpu"`` reads values. ``tp > 1``: vLLM's TP group is made to report ``tp`` ranks with this process as
-    ``rank`` (meta only: no collective runs while building or loading).
+    ``rank`` (meta only: no collective runs while building or loading). ``own_kernels``: modules vLLM's DSv4
+    forward has no kernel for run ours (``draft_kernels.install``); False shows what vLLM alone would build.
     """
+    from .draft_kernels import install
     from ..loader import build_plan
     from .build import construct, ensure_distributed, make_vllm_config, share_from_target, tp_rank_view
     from .standins import cpu_standins
@@ -103,14 +105,18 @@ def load_native(path: str, *, device: str = "meta", tp: int = 1, rank: int = 0, 
             for kind in kinds:
                 res.quant_configs[kind] = make_quant_config(res.quant[kind], extra_ignored=extra_ignored(kind, plan))
             res.target = construct(vc, "target", device=device, quant_config=res.quant_configs["target"])
+            kernels = install(res.target, vc.model_config.dtype) if own_kernels else {}
             res.reports["target"] = load_class(res.target, "target", plan, reader=reader, device=device,
                                                family=res.quant["target"].family,
                                                quant_config=res.quant_configs["target"])
+            res.reports["target"].own_kernels = kernels
             if with_mtp:
                 res.mtp = construct(vc, "mtp", device=device, quant_config=res.quant_configs["mtp"],
                                     share_embeddings=True)
                 shared = share_from_target(res.mtp, res.target)
+                kernels = install(res.mtp, vc.model_config.dtype) if own_kernels else {}
                 res.reports["mtp"] = load_class(res.mtp, "mtp", plan, reader=reader, device=device,
                                                 family=res.quant["mtp"].family,
                                                 quant_config=res.quant_configs["mtp"], shared=shared)
+                res.reports["mtp"].own_kernels = kernels
     return res

@@ -7,14 +7,16 @@ Subclasses of the platform's ``DeepseekV4ForCausalLM`` / ``DeepSeekV4MTP`` (``vl
   artifact directory (a hub id resolved to vLLM's HF-cache snapshot; unresolvable: refused, never vLLM's stock
   mapping, which has the bugs the plan fixes); vLLM's stock mapping only with ``VLLM_DSV4_STOCK_LOADER=1``;
 - the draft's ``__init__``: built with its own quant config from the draft's tensors
-  (``native.glue.mtp_quant_config``), not the target's object.
+  (``native.glue.mtp_quant_config``), not the target's object;
+- both ``__init__``s: modules whose format vLLM's DSv4 forward has no kernel for (an NVFP4 ``wo_a``) get our
+  quant method (``native.draft_kernels.install``: our Triton decode at load, vLLM's own matmul after).
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any, Iterable
 
-from ..native import glue
+from ..native import draft_kernels, glue
 
 __all__ = ["NativeDeepseekV4ForCausalLM", "NativeDeepSeekV4MTP", "BASE_PACKAGE"]
 
@@ -33,6 +35,10 @@ _TARGET_POST = BASE_PACKAGE.endswith("nvidia")
 
 
 class NativeDeepseekV4ForCausalLM(_Target):  # type: ignore[misc, valid-type]
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.dsv4_own_kernels = draft_kernels.install(self, vllm_config.model_config.dtype)
+
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         loaded = glue.load_weights_from_plan(self, "target", weights, glue.model_path(self.config))
         if loaded is None:
@@ -46,6 +52,7 @@ class NativeDeepSeekV4MTP(_Draft):  # type: ignore[misc, valid-type]
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         qc = glue.mtp_quant_config(vllm_config, vllm_config.quant_config)
         super().__init__(vllm_config=glue.with_quant_config(vllm_config, qc), prefix=prefix)
+        self.dsv4_own_kernels = draft_kernels.install(self, vllm_config.model_config.dtype)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         loaded = glue.load_weights_from_plan(self, "mtp", weights, glue.model_path(self.config))
