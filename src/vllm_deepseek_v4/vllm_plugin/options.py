@@ -6,7 +6,8 @@ expert parallelism on modules that compute every expert). :data:`OPTIONS` is the
 to read each from a ``VllmConfig``, which values are honoured, and why the others are refused.
 :func:`check_options` raises one error naming every refused option, its value and what is supported.
 
-Pipeline parallelism and ``--quantization`` are refused by ``model.check_supported`` (which calls this);
+Pipeline parallelism and ``--quantization`` are refused by ``model.check_supported`` (which calls this), data
+parallelism by ``model.parallel_context`` (tensor/expert parallelism are honoured there);
 the honoured options and the tests that show them are tabled in ``docs/vllm-plugin.md`` ("Engine options").
 """
 from __future__ import annotations
@@ -59,11 +60,6 @@ OPTIONS: tuple[Option, ...] = (
            " | ".join(HONOURED_LOAD_FORMATS) + " (target and draft_load_config)",
            "the plugin plans its load from the safetensors headers and fills parameters through that plan "
            "(or materialises them for dummy); other loaders stream other files or vLLM's own parameter names"),
-    Option("data_parallel_size", lambda c: c.parallel_config.data_parallel_size, lambda v, c: v == 1, "1",
-           "untested with the plugin"),
-    Option("enable_expert_parallel", lambda c: bool(c.parallel_config.enable_expert_parallel),
-           lambda v, c: not v, "False",
-           "the plugin's MoE computes every expert on every rank; experts are not sharded"),
     Option("enable_eplb", lambda c: bool(c.parallel_config.enable_eplb), lambda v, c: not v, "False",
            "expert load balancing needs vLLM's expert-parallel MoE layers, which the plugin does not use"),
     Option("decode_context_parallel_size", lambda c: c.parallel_config.decode_context_parallel_size,
