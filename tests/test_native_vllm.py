@@ -224,3 +224,56 @@ def test_native_meta_tp2(geo_zoo: Path, layout: str) -> None:
     wq_b = dict(res.target.named_parameters())
     key = next(k for k in wq_b if k.startswith("model.layers.1.attn.wq_b.weight"))
     assert wq_b[key].shape[0] == 1024 // 2                  # n_heads * head_dim split over 2 ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ("upstream_fp8_mxfp4", "head_embed_duplicated"))
+def test_pp2_draft_loads_head_and_embed_itself(geo_zoo: Path, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PP > 1: vLLM's proposer (``SpecDecodeBaseProposer._maybe_share_embeddings``) keeps the draft's own
+    embedding (the target's lives on the first rank); stock vLLM never loads it (its MTP loader skips the
+    top-level ``embed``). The registered native draft loads it, and every ``shared_head.head``, from the
+    artifact's top-level tensors and records ``case: own`` (also where ``mtp.0`` carries copies). At PP = 1 the
+    same proposer code replaces it with the target's module (the ``shared`` case)."""
+    import torch
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+    from vllm.utils.torch_utils import set_default_torch_dtype
+    from vllm.v1.spec_decode import llm_base_proposer
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+
+    from vllm_deepseek_v4.loader import build_plan
+    from vllm_deepseek_v4.loader.stream import iter_plan_tensors
+    from vllm_deepseek_v4.native.build import ensure_distributed, make_vllm_config
+    from vllm_deepseek_v4.native.standins import cpu_standins
+    from vllm_deepseek_v4.vllm_plugin import native_classes as nc
+
+    path = str(geo_zoo / layout)
+    files = sorted(str(p) for p in Path(path).glob("*.safetensors"))
+    with cpu_standins():
+        vc = make_vllm_config(path, native=False)
+        ensure_distributed(vc)
+        built = {}
+        for kind, cls, mc in (("target", nc.NativeDeepseekV4ForCausalLM, vc.model_config),
+                              ("mtp", nc.NativeDeepSeekV4MTP, vc.speculative_config.draft_model_config)):
+            with set_default_torch_dtype(mc.dtype), torch.device("cpu"):
+                built[kind] = initialize_model(vc, model_class=cls, model_config=mc)
+            built[kind].load_weights(safetensors_weights_iterator(files, False))
+    target, draft = built["target"], built["mtp"]
+    canon = dict(iter_plan_tensors(build_plan(path), progress=False))
+    head = f"model.layers.{L}.shared_head.head.weight"
+    assert draft.dsv4_head_embed == {"model.embed_tokens.weight": {"case": "own", "source": "embed.weight"},
+                                     head: {"case": "own", "source": "head.weight"}}
+    own_embed = draft.model.embed_tokens
+    assert torch.equal(own_embed.weight, canon["embed.weight"].to(own_embed.weight.dtype))
+    assert torch.equal(draft.model.layers[str(L)].shared_head.head.weight, canon["head.weight"].to(torch.bfloat16))
+
+    # the proposer state these two methods read (vLLM's SpecDecodeBaseProposer sets them in __init__)
+    proposer = type("Proposer", (), {"model": draft, "vllm_config": vc, "use_local_argmax_reduction": False})()
+    monkeypatch.setattr(llm_base_proposer, "get_pp_group", lambda: type("PP", (), {"world_size": 2})())
+    SpecDecodeBaseProposer._maybe_share_embeddings(proposer, target)
+    assert draft.model.embed_tokens is own_embed                  # PP = 2: the draft keeps (and uses) its own
+    SpecDecodeBaseProposer._maybe_share_lm_head(proposer, target)
+    assert draft.model.layers[str(L)].shared_head.head is target.lm_head       # lm_head: shared at any PP
+    monkeypatch.setattr(llm_base_proposer, "get_pp_group", lambda: type("PP", (), {"world_size": 1})())
+    SpecDecodeBaseProposer._maybe_share_embeddings(proposer, target)
+    assert draft.model.embed_tokens is target.model.embed_tokens  # PP = 1: the target's module

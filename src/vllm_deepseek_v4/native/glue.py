@@ -166,6 +166,10 @@ def load_weights_from_plan(model: Any, kind: str, weights: Iterable[tuple[str, A
     if problems:
         raise PlanLoadError(f"{path}: DeepSeek-V4 {kind} not loaded completely ({len(problems)} problems):\n  "
                             + "\n  ".join(problems[:40]))
-    logger.info("DeepSeek-V4 %s loaded through the load plan: %d/%d parameters, %d padding, %d tensors explained",
-                kind, rep.covered, rep.params, len(rep.padding), len(rep.unused))
+    # which case filled the draft's head / embed (here: "own", from the top-level tensors; the proposer may
+    # then replace the modules with the target's at PP = 1), kept on the model and logged: never left to luck
+    model.dsv4_head_embed = {p: {"case": v["case"], "source": v["source"]} for p, v in rep.shared.items()}
+    logger.info("DeepSeek-V4 %s loaded through the load plan: %d/%d parameters, %d padding, %d tensors explained%s",
+                kind, rep.covered, rep.params, len(rep.padding), len(rep.unused),
+                "".join(f"; {p}: {v['case']} ({v['source']})" for p, v in sorted(rep.shared.items())))
     return {n for n, _ in model.named_parameters()}
