@@ -58,22 +58,26 @@ def flash_dims_artifact(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(flash_dims_artifact) -> dict[str, Any]:
-    """The portable model's greedy tokens, the offline replay of vLLM's speculation and the number of
-    compressed entries per layer at the end; the model is freed before any engine starts (memory)."""
+    """The portable model's greedy tokens and their log-probabilities, the offline replay of vLLM's
+    speculation and the number of compressed entries per layer at the end; the model is freed before any
+    engine starts (memory)."""
     prompt = torch.randint(0, 1024, (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
     model = vs.reference_model(flash_dims_artifact)
     state = model.new_state()
+    want: list[int] = []
+    logprobs: list[float] = []
     with torch.no_grad():
         logits, _ = model(torch.tensor([prompt]), state)
-        want = []
         for _ in range(N + K):
-            want.append(int(logits[0, -1].argmax()))
+            lp = logits[0, -1].log_softmax(-1)
+            want.append(int(lp.argmax()))
+            logprobs.append(float(lp[want[-1]]))
             logits, _ = model(torch.tensor([[want[-1]]]), state)
     replay = vs.replay_acceptance(model, prompt, want, K, N)
     entries = {model.cfg.ratio(i): c.compressed[0].shape[1] for i, c in enumerate(state.layers) if c.compressed}
     del model, state
     gc.collect()
-    return {"prompt": prompt, "want": want, "replay": replay, "entries": entries}
+    return {"prompt": prompt, "want": want, "logprobs": logprobs, "replay": replay, "entries": entries}
 
 
 def test_artifact_has_flash_attention_dims_and_sane_logits(flash_dims_artifact, reference):
@@ -91,16 +95,24 @@ def test_artifact_has_flash_attention_dims_and_sane_logits(flash_dims_artifact, 
 
 
 def test_vllm_with_mtp_serves_the_reference_greedy_output(flash_dims_artifact, reference):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=N, temperature=0.0, detokenize=False, ignore_eos=True, logprobs=0)
     t0 = time.perf_counter()
     with vs.engine(flash_dims_artifact, K, max_model_len=512, max_num_seqs=1) as llm:
         started = time.perf_counter()
         before = vs.spec_counters(llm)
-        got = vs.generate(llm, [reference["prompt"]], N)
+        out = llm.generate([{"prompt_token_ids": reference["prompt"]}], params, use_tqdm=False)[0].outputs[0]
         counters = vs.diff_counters(vs.spec_counters(llm), before)
         done = time.perf_counter()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert list(out.token_ids) == reference["want"][:N]
+    # the same numbers, not only the same argmax (the trunk's blocks are damped by the draft's agreement)
+    got_lp = torch.tensor([step[t].logprob for step, t in zip(out.logprobs, out.token_ids)])
+    want_lp = torch.tensor(reference["logprobs"][:N])
     print(f"\nflash-dims: engine start {started - t0:.1f} s, generate {done - started:.1f} s "
-          f"({PROMPT} + {N} tokens, k = {K}), peak RSS {rss:.2f} GiB, counters {counters}")
-    assert got == [reference["want"][:N]]
+          f"({PROMPT} + {N} tokens, k = {K}), peak RSS {rss:.2f} GiB, counters {counters}, "
+          f"max |logprob - reference| {(got_lp - want_lp).abs().max():.2e}")
+    torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=1e-4)
     assert counters == vs.sum_counters([reference["replay"]], K)
     assert 0 < counters["num_accepted_tokens"] < counters["num_draft_tokens"]    # accepted and rolled back
