@@ -418,3 +418,42 @@ def test_flash_scan_does_not_import_torch(flash: Path) -> None:
             "c = scan_checkpoint(sys.argv[1]); assert 'torch' not in sys.modules, 'torch imported'; print(len(c))")
     out = subprocess.run([sys.executable, "-c", code, str(flash)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(FLASH_TENSORS)
+
+
+# --------------------------------------------------------------------------------------------- unreadable files
+
+
+def test_unreadable_shard_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard we may not read (mode 000 for a non-root user; simulated, as the tests may run as root) is one
+    error naming the file, never a PermissionError traceback."""
+    import vllm_deepseek_v4.checkpoint.format as fmt
+
+    make_checkpoint(tmp_path, {"model.safetensors": small_tensors()}, index=False)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(fmt, "open", denied, raising=False)
+    with pytest.raises(CheckpointError) as e:
+        scan_checkpoint(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'model.safetensors'}: cannot read shard: expected a readable file, " \
+                           "found Permission denied"
+
+
+def test_unstattable_shard_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard whose stat fails with EACCES (a folder on the way we may not search) names the file."""
+    import errno
+    import os
+
+    import vllm_deepseek_v4.checkpoint.scan as scan
+
+    make_checkpoint(tmp_path, {"model.safetensors": small_tensors()}, index=False)
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if str(path).endswith(".safetensors"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(scan.os, "stat", stat)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: shard is not readable: expected read "
+                                              r"permission, found Permission denied"):
+        scan_checkpoint(tmp_path)
