@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["Case", "Base", "copy_base", "read_header", "write_shard", "edit_header", "edit_raw", "edit_config",
-           "edit_tensors", "edit_index", "write_quant_base", "INDEX"]
+           "edit_tensors", "edit_index", "edit_element", "write_quant_base", "write_bases", "INDEX"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -39,6 +39,7 @@ class Case:
     exit_code: int = 1
     benign: bool = False                        # verifies clean and loads to the base's logits
     load: bool = False                          # also try the portable load (it must refuse with our error)
+    values: bool = False                        # checked by ``dsv4 verify --values`` (headers are fine)
 
     @property
     def name(self) -> str:
@@ -149,6 +150,17 @@ def edit_index(fn: Callable[[dict[str, Any]], Any] | None, *, text: str | bytes 
     return mutate
 
 
+def edit_element(file: str, tensor: str, index: int, value: bytes) -> Callable[[Path], Path]:
+    """A mutation of the data only: element ``index`` (flat, ``len(value)`` bytes each) of ``tensor`` in
+    ``file`` becomes ``value``; the header is untouched."""
+    def mutate(d: Path) -> Path:
+        header, data = read_header(d / file)
+        at = header[tensor]["data_offsets"][0] + index * len(value)
+        write_shard(d / file, header, data[:at] + value + data[at + len(value):])
+        return d
+    return mutate
+
+
 def edit_tensors(fn: Callable[[dict[str, Any]], Any], *, shards: int | None = None,
                  index: bool | None = None) -> Callable[[Path], Path]:
     """A mutation through torch: ``fn(tensors)`` edits the artifact's tensors (name -> tensor) in place, then
@@ -194,3 +206,12 @@ def write_quant_base(out: Path, layout: str = "upstream_fp8_mxfp4") -> Path:
     zoo.write_layout(out, layout, floats, raw_cfg, cfg)
     zoo.copy_tokenizer(src, out)
     return out
+
+
+def write_bases(root: Path) -> dict[str, Base]:
+    """Both bases under ``root``: ``tiny`` (a copy of the shipped model) and ``quant`` (its FP8 + MXFP4 layout)."""
+    from ..assets import tiny_model_path
+
+    shutil.copytree(tiny_model_path(), root / "tiny")
+    write_quant_base(root / "quant")
+    return {"tiny": Base.of(root / "tiny"), "quant": Base.of(root / "quant")}

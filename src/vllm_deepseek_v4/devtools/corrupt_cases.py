@@ -3,7 +3,8 @@
 ``build_cases(tiny, quant)`` derives them from the two bases' headers: the tiny model (``model.safetensors``,
 BF16, 5 layers + 1 MTP layer, 8 experts, hidden 128, vocab 4096) and the FP8 + MXFP4 zoo layout (two shards
 and an index). Categories: ``fs`` (files), ``header``, ``index``, ``config``, ``tensors`` (names, shapes,
-dtypes), ``mtp``, ``quant`` (companions), ``benign`` (must load to the base's logits).
+dtypes), ``mtp``, ``quant`` (companions), ``values`` (one bad element: ``verify --values``), ``benign`` (must
+load to the base's logits).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .corrupt import (INDEX, Base, Case, edit_config, edit_header, edit_index, e
 
 __all__ = ["build_cases", "CATEGORIES"]
 
-CATEGORIES = ("fs", "header", "index", "config", "tensors", "mtp", "quant", "benign")
+CATEGORIES = ("fs", "header", "index", "config", "tensors", "mtp", "quant", "values", "benign")
 TINY = "model.safetensors"
 T = "layers.1.attn.wq_a.weight"             # BF16 [64, 128] in the tiny model, F8_E4M3 in the quant layout
 
@@ -225,13 +226,13 @@ def _in_both(quant: Base, tensor: str) -> Callable[[Path], Path]:
 # ---- all of them ----
 def build_cases(tiny: Base, quant: Base) -> list[Case]:
     """Every case of the corpus, derived from the two bases (``Base.of`` their folders)."""
-    from .corrupt_model import benign_cases, config_cases, mtp_cases, quant_cases, tensor_cases
+    from .corrupt_model import benign_cases, config_cases, mtp_cases, quant_cases, tensor_cases, value_cases
 
     q1, q2 = quant.files
     q2_tensor = next(n for n in quant.in_data_order(q2)[1:-1] if quant.entries[q2][n]["dtype"] != "F8_E8M0")
     cases = (_fs_cases(tiny, quant) + _header_cases("tiny", tiny, TINY, T) + _header_cases("quant", quant, q1, T)
              + _header_cases("quant", quant, q2, q2_tensor, "quant2") + _index_cases(quant) + config_cases()
-             + tensor_cases() + mtp_cases() + quant_cases(quant) + benign_cases(quant))
+             + tensor_cases() + mtp_cases() + quant_cases(quant) + value_cases(quant) + benign_cases(quant))
     ids = [c.name for c in cases]
     assert len(ids) == len(set(ids)), "case ids repeat"
     return cases

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
-from .corrupt import INDEX, Base, Case, edit_config, edit_header, edit_tensors
+from .corrupt import INDEX, Base, Case, edit_config, edit_element, edit_header, edit_tensors
 
-__all__ = ["config_cases", "tensor_cases", "mtp_cases", "quant_cases", "benign_cases"]
+__all__ = ["config_cases", "tensor_cases", "mtp_cases", "quant_cases", "value_cases", "benign_cases"]
 
 CFG = "config.json"
 
@@ -213,6 +214,33 @@ def quant_cases(quant: Base) -> list[Case]:
         c("stray-input-scale", lambda t: t.__setitem__(f"{fp8}.input_scale", torch.ones(1)), f"{fp8}.input_scale"),
         c("fp8-weight-as-int8", _change(f"{fp8}.weight", lambda x: x.view(torch.int8)), f"{fp8}"),
         c("scale-without-weight", _drop_t(f"{fp8}.weight"), f"{fp8}"),
+    ]
+
+
+# ---- values: headers fine, one element bad (``dsv4 verify --values``, the load's value checks) ----
+_BF16_NAN, _BF16_INF, _BF16_NEG_INF = b"\xc0\x7f", b"\x80\x7f", b"\x80\xff"
+
+
+def value_cases(quant: Base) -> list[Case]:
+    def c(base: str, tensor: str, index: int, value: bytes, id: str, load: bool = False) -> Case:
+        file = "model.safetensors" if base == "tiny" else quant.file_of(tensor)
+        return Case("values", f"{base}-{id}", base, edit_element(file, tensor, index, value),
+                    (f"{tensor} in {file}", f"flat index {index}"), load=load, values=True)
+    gate = "layers.0.ffn.gate.tid2eid"
+    return [
+        c("tiny", "head.weight", 70, _BF16_NAN, "head-nan", load=True),
+        c("tiny", "embed.weight", 4095, _BF16_INF, "embed-inf"),
+        c("tiny", "norm.weight", 0, _BF16_NAN, "norm-nan"),
+        c("tiny", "layers.1.hc_attn_fn", 5, struct.pack("<f", float("nan")), "hc-fn-nan", load=True),
+        c("tiny", "mtp.0.enorm.weight", 3, _BF16_NEG_INF, "mtp-enorm-minus-inf"),
+        c("tiny", "mtp.0.hc_head_scale", 0, struct.pack("<f", float("inf")), "mtp-hc-scale-inf"),
+        c("tiny", gate, 3, struct.pack("<q", 8), "tid2eid-past-end", load=True),
+        c("tiny", gate, 0, struct.pack("<q", -1), "tid2eid-negative"),
+        c("quant", "layers.1.attn.wq_a.weight", 7, b"\x7f", "fp8-nan-code", load=True),
+        c("quant", "mtp.0.e_proj.weight", 100, b"\xff", "mtp-fp8-nan-code"),
+        c("quant", "layers.1.attn.wq_a.scale", 0, b"\xff", "e8m0-scale-nan"),
+        c("quant", "layers.2.ffn.experts.3.w2.scale", 9, b"\xff", "mxfp4-scale-nan"),
+        c("quant", "layers.1.attn.wkv.weight", 0, b"\xff", "fp8-first-element"),
     ]
 
 
