@@ -18,11 +18,13 @@ from vllm_deepseek_v4.loader.sharding import (COLUMN, EXPERT, HEADS, REPLICATED,
                                               shard_rule)
 from vllm_deepseek_v4.loader.stream import PositionalReader
 
-# Every TP split divides: 8 heads in 8 output groups (one head each), vocab 256, I = 64, 4 experts.
-BF16_CFG = make_config(num_attention_heads=8, o_groups=8, vocab_size=256, moe_intermediate_size=64)
+# Every TP split divides: 8 heads in 8 output groups (one head each), 8 index heads, vocab 256, I = 64, 4 experts.
+BF16_CFG = make_config(num_attention_heads=8, o_groups=8, index_n_heads=8, vocab_size=256, moe_intermediate_size=64)
 # Quantized: the fp8 splits of wq_b [512 rows], wo_a [1024], wo_b [in 1024] and the shared experts [512]
-# keep whole 128-blocks up to tp 4; I = 512 keeps mxfp4/nvfp4/w4a16 in-splits on 32-blocks up to tp 8.
-QUANT_CFG = make_config(num_attention_heads=8, o_groups=8, o_lora_rank=128, vocab_size=256, moe_intermediate_size=512)
+# keep whole 128-blocks up to tp 4, as do the indexer's wq_b rows [8 x 128]; I = 512 keeps mxfp4/nvfp4/w4a16
+# in-splits on 32-blocks up to tp 8.
+QUANT_CFG = make_config(num_attention_heads=8, o_groups=8, o_lora_rank=128, index_n_heads=8, index_head_dim=128,
+                        vocab_size=256, moe_intermediate_size=512)
 FP4_INT4 = {"main": {"experts": "nvfp4", "shared_experts": "w4a16"},
             "mtp.0": {"experts": "w4a16", "shared_experts": "nvfp4"}}
 
@@ -78,7 +80,9 @@ def test_every_tiny_plan_parameter_matches_exactly_one_rule(plans):
     n_blocks = plan.cfg.n_layers + plan.cfg.n_mtp_layers
     assert kinds[HEADS] == n_blocks and kinds[VOCAB] == 2
     assert kinds[EXPERT] == n_blocks * plan.cfg.n_routed_experts * 3
-    assert kinds[COLUMN] == n_blocks * 4 and kinds[ROW] == n_blocks * 2     # wq_b, wo_a, shared w1/w3; wo_b, w2
+    n_csa = sum(plan.cfg.ratio(i) == 4 for i in range(n_blocks))
+    # wq_b, wo_a, shared w1/w3 (+ indexer wq_b, weights_proj on CSA layers); wo_b, shared w2
+    assert kinds[COLUMN] == n_blocks * 4 + n_csa * 2 and kinds[ROW] == n_blocks * 2
 
 
 def test_every_flash_parameter_gets_a_shard_kind_and_splits_at_tp8(flash_dir):
@@ -86,9 +90,10 @@ def test_every_flash_parameter_gets_a_shard_kind_and_splits_at_tp8(flash_dir):
     assert plan.problems() == []
     kinds = Counter(shard_rule(name).kind for name in plan.params)
     # replicated: norm + hc_head (4); per block wq_a, wkv, 2 norms, 2 block norms, 6 hc, gate, bias/tid2eid (14 x 44);
-    # compressor (4 x 41 layers with ratio > 0); indexer (6 x 21 ratio-4 layers); MTP e/h_proj, 3 norms, hc_head (8)
-    assert kinds == {REPLICATED: 4 + 14 * 44 + 4 * 41 + 6 * 21 + 8, HEADS: 44, VOCAB: 2, COLUMN: 44 * 4, ROW: 44 * 2,
-                     EXPERT: 44 * 256 * 3}
+    # compressor (4 x 41 layers with ratio > 0); indexer compressor (4 x 21 ratio-4 layers); MTP e/h_proj, 3 norms,
+    # hc_head (8). Column: wq_b, wo_a, shared w1/w3 per block + the indexer's wq_b and weights_proj (index heads).
+    assert kinds == {REPLICATED: 4 + 14 * 44 + 4 * 41 + 4 * 21 + 8, HEADS: 44, VOCAB: 2, COLUMN: 44 * 4 + 2 * 21,
+                     ROW: 44 * 2, EXPERT: 44 * 256 * 3}
     for pp in plan.params.values():                     # Flash's published shapes keep whole fp8/fp4 blocks at tp 8
         assert rank_reads(pp, tp_rank=7, tp_size=8, cfg=plan.cfg).keys() == pp.roles.keys()
 

@@ -22,13 +22,15 @@ if TYPE_CHECKING:
     from .plan import ParamPlan, Source
 
 __all__ = ["REPLICATED", "COLUMN", "ROW", "HEADS", "VOCAB", "EXPERT", "KINDS", "ShardRule", "SHARD_RULES",
-           "local_name", "shard_rule", "rank_reads", "heads_of_rank", "experts_of_rank", "apply_ops"]
+           "local_name", "shard_rule", "rank_reads", "local_shape", "even_range", "heads_of_rank", "experts_of_rank",
+           "apply_ops"]
 
 REPLICATED, COLUMN, ROW, HEADS, VOCAB, EXPERT = "replicated", "column", "row", "heads", "vocab", "expert"
 KINDS: Final[tuple[str, ...]] = (REPLICATED, COLUMN, ROW, HEADS, VOCAB, EXPERT)
 _DIM: Final[dict[str, int | None]] = {REPLICATED: None, COLUMN: 0, ROW: 1, HEADS: 0, VOCAB: 0}
 _SCOPE = re.compile(r"^(?:layers|mtp)\.\d+\.")
-_UNIT_NOUN: Final[dict[str, str]] = {"head_dim": "heads", "o_lora_rank": "output groups"}
+_UNIT_NOUN: Final[dict[str, str]] = {"head_dim": "heads", "o_lora_rank": "output groups",
+                                      "index_head_dim": "index heads"}
 
 Op = tuple[str | int, ...]    # ("narrow", dim, start, length), as in Source.ops
 
@@ -88,8 +90,11 @@ SHARD_RULES: Final[tuple[ShardRule, ...]] = (
        "and the partial sums are all-reduced", unit="o_lora_rank"),
     _r(r"^attn\.compressor\.(?:wkv|wgate|ape|norm\.weight)$", REPLICATED, "the compressor builds the one shared "
        "compressed KV that every head attends to (vLLM keeps it replicated)"),
-    _r(r"^attn\.indexer\.(?:wq_b|weights_proj)$", REPLICATED, "the indexer's top-k sums over all index heads "
-       "before selecting; vLLM keeps the indexer replicated"),
+    _r(r"^attn\.indexer\.wq_b$", COLUMN, "rows are index-head-major [IH*ID]: whole index heads per rank; the "
+       "per-head weighted scores are all-reduced before the top-k, so every rank picks the same entries",
+       unit="index_head_dim"),
+    _r(r"^attn\.indexer\.weights_proj$", COLUMN, "one row per index head [IH, D]: the rank's index heads, "
+       "matching its wq_b rows"),
     _r(r"^attn\.indexer\.compressor\.(?:wkv|wgate|ape|norm\.weight)$", REPLICATED, "indexer keys, replicated "
        "with the rest of the indexer"),
     # block norms and hyper-connections (``docs/dsv4-architecture.md §4``)
@@ -139,7 +144,9 @@ def _check_rank(rank: int, size: int, by: str) -> None:
         raise ValueError(f"rank {rank} is outside [0, {size}) for {by}={size}")
 
 
-def _even_range(total: int, rank: int, size: int, what: str, by: str) -> range:
+def even_range(total: int, rank: int, size: int, what: str, by: str) -> range:
+    """The contiguous, equal share of ``total`` units (heads, groups, rows) ``rank`` holds; ConfigError naming
+    ``what`` when ``size`` does not divide it."""
     _check_rank(rank, size, by)
     if total % size:
         raise ConfigError(what, expected=f"a multiple of {by}={size}", found=total,
@@ -150,12 +157,12 @@ def _even_range(total: int, rank: int, size: int, what: str, by: str) -> range:
 
 def heads_of_rank(n_heads: int, tp_rank: int, tp_size: int) -> range:
     """Attention heads ``tp_rank`` holds: a contiguous, equal range (vLLM's TP head split)."""
-    return _even_range(n_heads, tp_rank, tp_size, "num_attention_heads", "tp_size")
+    return even_range(n_heads, tp_rank, tp_size, "num_attention_heads", "tp_size")
 
 
 def experts_of_rank(n_experts: int, ep_rank: int, ep_size: int) -> range:
     """Routed experts ``ep_rank`` owns: a contiguous, equal range of whole experts (vLLM linear expert placement)."""
-    return _even_range(n_experts, ep_rank, ep_size, "n_routed_experts", "ep_size")
+    return even_range(n_experts, ep_rank, ep_size, "n_routed_experts", "ep_size")
 
 
 def rank_reads(pp: ParamPlan, *, tp_rank: int, tp_size: int, ep_rank: int = 0, ep_size: int = 1,
@@ -203,6 +210,20 @@ def rank_reads(pp: ParamPlan, *, tp_rank: int, tp_size: int, ep_rank: int = 0, e
                                    hint=f"choose tp_size among the divisors of {full // unit}")
     return {role: _role_ops(pp, role, src, kind, dim, start, n, full, tp_rank, tp_size)
             for role, src in pp.roles.items()}
+
+
+def local_shape(pp: ParamPlan, *, tp_rank: int, tp_size: int, ep_rank: int = 0, ep_size: int = 1,
+                cfg: DSV4Config | None = None) -> tuple[int, ...] | None:
+    """The logical shape of ``pp`` on this rank (None when the rank holds none of it): what a w4a16
+    ``weight_shape`` must say once its codes and scales are the rank's slices."""
+    reads = rank_reads(pp, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size, cfg=cfg)
+    if not reads:
+        return None
+    shape = list(pp.spec.shape)
+    dim = _match(pp.spec.name)[0].dim(ep_size=ep_size)
+    if dim is not None and tp_size > 1:
+        shape[dim] //= tp_size
+    return tuple(shape)
 
 
 def _anchor(pp: ParamPlan) -> Source:

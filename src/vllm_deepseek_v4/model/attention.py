@@ -25,6 +25,7 @@ from ..quant.groups import scheme_of
 from .compressor import CSA_RATIO, Compressor, Indexer, windows_pooled
 from .kv_store import KVStore, Rows, Segment
 from .linear import QLinear
+from .parallel import SINGLE, Parallel
 from .primitives import RMSNorm, apply_rope, rms_unweighted, rope_inv_freq
 
 __all__ = ["Attention", "history"]
@@ -40,10 +41,13 @@ class Attention(nn.Module):
     """``layers.N.attn``: ``attn_sink``, ``wq_a``, ``q_norm``, ``wq_b``, ``wkv``, ``kv_norm``, ``wo_a``, ``wo_b``
     (+ ``compressor`` if ratio > 0, + ``indexer`` if ratio == 4)."""
 
-    def __init__(self, cfg: DSV4Config, layer_id: int, schemes: dict[str, str], *, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: DSV4Config, layer_id: int, schemes: dict[str, str], *, dtype: torch.dtype,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.cfg, self.ratio = cfg, cfg.ratio(layer_id)
-        H, d, G = cfg.n_heads, cfg.head_dim, cfg.o_groups
+        self.cfg, self.ratio, self.par = cfg, cfg.ratio(layer_id), parallel
+        d = cfg.head_dim
+        # this rank's whole heads and whole output groups (TP); each group reads H*d/G of the head outputs
+        H, G = self.n_heads, self.n_groups = len(parallel.heads(cfg)), len(parallel.groups(cfg))
         s = scheme_of(schemes, "attn")
         self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32), requires_grad=False)
         self.wq_a = QLinear(cfg.dim, cfg.q_lora_rank, s, dtype=dtype)
@@ -52,11 +56,11 @@ class Attention(nn.Module):
         self.wkv = QLinear(cfg.dim, d, s, dtype=dtype)
         self.kv_norm = RMSNorm(d, cfg.norm_eps, dtype=dtype)
         self.wo_a = QLinear(H * d // G, G * cfg.o_lora_rank, s, dtype=dtype)       # grouped: [G*o_lora, H*d/G]
-        self.wo_b = QLinear(G * cfg.o_lora_rank, cfg.dim, s, dtype=dtype)
+        self.wo_b = QLinear(G * cfg.o_lora_rank, cfg.dim, s, dtype=dtype)          # row-parallel: partial sums
         if self.ratio > 0:
             self.compressor = Compressor(cfg, self.ratio, d, scheme_of(schemes, "attn.compressor"), dtype=dtype)
         if self.ratio == CSA_RATIO:
-            self.indexer = Indexer(cfg, schemes, dtype=dtype)
+            self.indexer = Indexer(cfg, schemes, dtype=dtype, parallel=parallel)
 
     def forward(self, x: torch.Tensor, start: int, cache: KVStore) -> torch.Tensor:
         """``x [B, S, D]`` (normed sub-layer input) at positions ``start..start+S-1`` -> ``[B, S, D]``.
@@ -123,7 +127,7 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         inv_freq = rope_inv_freq(cfg, self.ratio, x.device)
         qr = self.q_norm(dispatch.linear(x, self.wq_a))                            # [B, S, q_lora]
-        q = rms_unweighted(dispatch.linear(qr, self.wq_b).view(B, S, cfg.n_heads, cfg.head_dim), cfg.norm_eps)
+        q = rms_unweighted(dispatch.linear(qr, self.wq_b).view(B, S, self.n_heads, cfg.head_dim), cfg.norm_eps)
         q = apply_rope(q, pos, inv_freq)
         kv = apply_rope(self.kv_norm(dispatch.linear(x, self.wkv)), pos, inv_freq)  # [B, S, d]
         return q, qr, kv
@@ -143,8 +147,8 @@ class Attention(nn.Module):
         the output, then the grouped low-rank output projection -> ``[B, S, D]``."""
         cfg = self.cfg
         B, S = q.shape[:2]
-        H, d, G = cfg.n_heads, cfg.head_dim, cfg.o_groups
+        H, d, G = self.n_heads, cfg.head_dim, self.n_groups
         o = dispatch.sink_attention(q, keys, mask, self.attn_sink, d ** -0.5)     # [B, S, H, d]
         o = apply_rope(o, pos, rope_inv_freq(cfg, self.ratio, q.device), inverse=True)
         z = dispatch.grouped_linear(o.reshape(B, S, G, H * d // G), self.wo_a, G)  # [B, S, G, o_lora]
-        return dispatch.linear(z.flatten(-2), self.wo_b)
+        return self.par.reduce(dispatch.linear(z.flatten(-2), self.wo_b))

@@ -10,6 +10,7 @@ from .attention import Attention
 from .hyper import hc_post, hc_pre
 from .kv_store import KVStore
 from .moe import MoE
+from .parallel import SINGLE, Parallel
 from .primitives import RMSNorm
 
 __all__ = ["GROUPS", "Block", "f32"]     # GROUPS: a block's scheme groups, from quant/groups.py
@@ -24,11 +25,12 @@ class Block(nn.Module):
     """``attn``, ``ffn``, ``attn_norm``, ``ffn_norm`` and the fp32 mixers ``hc_{attn,ffn}_{fn,base,scale}``
     (``[(2+N)*N, N*D]``, ``[(2+N)*N]``, ``[3]``)."""
 
-    def __init__(self, cfg: DSV4Config, layer_id: int, schemes: dict[str, str], *, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: DSV4Config, layer_id: int, schemes: dict[str, str], *, dtype: torch.dtype,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
         self.cfg, self.layer_id = cfg, layer_id
-        self.attn = Attention(cfg, layer_id, schemes, dtype=dtype)
-        self.ffn = MoE(cfg, layer_id, schemes, dtype=dtype)
+        self.attn = Attention(cfg, layer_id, schemes, dtype=dtype, parallel=parallel)
+        self.ffn = MoE(cfg, layer_id, schemes, dtype=dtype, parallel=parallel)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
         N = cfg.hc_mult

@@ -21,6 +21,7 @@ from ..config import DSV4Config
 from ..kernels import dispatch
 from ..quant.groups import scheme_of
 from .linear import QLinear
+from .parallel import SINGLE, Parallel
 from .primitives import RMSNorm, apply_rope, rope_inv_freq
 
 __all__ = ["CSA_RATIO", "windows_pooled", "Compressor", "Indexer"]
@@ -78,10 +79,12 @@ class Indexer(nn.Module):
     """Top-k selection of compressed entries for CSA layers: ``wq_b [IH*ID, q_lora]``, ``weights_proj [IH, D]``
     and a ratio-4 overlap compressor of width ``index_head_dim`` (``attn.indexer.*``)."""
 
-    def __init__(self, cfg: DSV4Config, schemes: dict[str, str], *, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: DSV4Config, schemes: dict[str, str], *, dtype: torch.dtype,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.cfg, self.par = cfg, parallel
+        # this rank's index heads (TP); the score scale keeps the full head count
+        self.n_heads, self.head_dim, self.topk = len(parallel.index_heads(cfg)), cfg.index_head_dim, cfg.index_topk
         self.wq_b = QLinear(cfg.q_lora_rank, self.n_heads * self.head_dim, scheme_of(schemes, "attn.indexer.wq_b"),
                             dtype=dtype)
         self.weights_proj = QLinear(cfg.dim, self.n_heads, scheme_of(schemes, "attn.indexer.weights_proj"), dtype=dtype)
@@ -96,9 +99,10 @@ class Indexer(nn.Module):
         n = keys.shape[1]
         q = dispatch.linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim)
         q = apply_rope(q, pos, rope_inv_freq(self.cfg, CSA_RATIO, x.device))
-        w = dispatch.linear(x, self.weights_proj).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        w = dispatch.linear(x, self.weights_proj).float() * (self.head_dim ** -0.5 * self.cfg.index_n_heads ** -0.5)
         scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
-        scores = (scores * w[..., None]).sum(dim=2)                            # [B, S, n]
+        # [B, S, n]: the sum over all index heads, so every TP rank selects the same entries
+        scores = self.par.reduce((scores * w[..., None]).sum(dim=2))
         scores = scores.masked_fill(~visible, float("-inf"))
         # Top-k with ties broken towards the older entry: ReLU makes exact ties (all heads at 0) common
         # in small models, and a fixed rule keeps prefill, chunked prefill and decode picking the same set.

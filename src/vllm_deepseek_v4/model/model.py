@@ -31,6 +31,7 @@ from .hyper import hc_head
 from .kv_store import AttnCache, KVStore
 from .linear import QLinear
 from .mtp import MTPBlock
+from .parallel import SINGLE, Parallel, global_expert_names
 from .primitives import Embedding, RMSNorm
 
 __all__ = ["Schemes", "resolve_schemes", "ModelState", "DSV4Model", "build_model"]
@@ -68,18 +69,25 @@ class ModelState:
 class DSV4Model(nn.Module):
     """Main stack (``embed``, ``layers``, ``hc_head_*``, ``norm``, ``head``) and ``mtp`` draft blocks."""
 
-    def __init__(self, cfg: DSV4Config, *, schemes: Schemes | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, cfg: DSV4Config, *, schemes: Schemes | None = None, dtype: torch.dtype = torch.bfloat16,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
+        parallel.check(cfg)
+        self.cfg, self.dtype, self.par = cfg, dtype, parallel
         self.schemes = resolve_schemes(cfg, schemes)
         D, N = cfg.dim, cfg.hc_mult
-        self.embed = Embedding(cfg.vocab_size, D, dtype=dtype)
-        self.layers = nn.ModuleList(Block(cfg, i, self.schemes["main"], dtype=dtype) for i in range(cfg.n_layers))
+        self.embed = Embedding(cfg.vocab_size, D, dtype=dtype, parallel=parallel)
+        self.layers = nn.ModuleList(Block(cfg, i, self.schemes["main"], dtype=dtype, parallel=parallel)
+                                    for i in range(cfg.n_layers))
         self.norm = RMSNorm(D, cfg.norm_eps, dtype=dtype)
-        self.head = QLinear(D, cfg.vocab_size, "bf16", dtype=dtype)
+        self.head = QLinear(D, len(parallel.vocab(cfg)), "bf16", dtype=dtype)      # vocab-parallel rows
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = f32(N, N * D), f32(N), f32(1)
-        self.mtp = nn.ModuleList(MTPBlock(cfg, k, self.schemes[f"mtp.{k}"], dtype=dtype)
+        self.mtp = nn.ModuleList(MTPBlock(cfg, k, self.schemes[f"mtp.{k}"], dtype=dtype, parallel=parallel)
                                  for k in range(cfg.n_mtp_layers))
+
+    def canonical_modules(self) -> dict[str, nn.Module]:
+        """``named_modules`` under the checkpoint's names (an EP rank's experts by their global index)."""
+        return global_expert_names(dict(self.named_modules()), self.par.experts(self.cfg).start)
 
     # ---- state ----
     def new_state(self) -> ModelState:
@@ -122,8 +130,8 @@ class DSV4Model(nn.Module):
         return out
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
-        """Shared ``head``: ``[..., D]`` -> fp32 ``[..., V]``."""
-        return dispatch.linear(y.float(), self.head)
+        """Shared ``head``: ``[..., D]`` -> fp32 ``[..., V]`` (the ranks' vocab slices gathered under TP)."""
+        return self.par.gather(dispatch.linear(y.float(), self.head))
 
     # ---- MTP ----
     def forward_mtp(self, hidden: torch.Tensor, next_ids: torch.Tensor, state: ModelState | None = None, *,
@@ -142,7 +150,7 @@ class DSV4Model(nn.Module):
 
 
 def build_model(cfg: DSV4Config, *, schemes: Schemes | None = None, dtype: torch.dtype = torch.bfloat16,
-                device: torch.device | str = "meta") -> DSV4Model:
+                device: torch.device | str = "meta", parallel: Parallel = SINGLE) -> DSV4Model:
     """Construct without touching memory on ``meta`` (default); fill with ``load_state_dict(assign=True)``."""
     with torch.device(device):
-        return DSV4Model(cfg, schemes=schemes, dtype=dtype)
+        return DSV4Model(cfg, schemes=schemes, dtype=dtype, parallel=parallel)

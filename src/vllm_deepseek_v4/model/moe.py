@@ -4,6 +4,10 @@
 pick experts with the frozen table ``gate.tid2eid[token_id]``, the others take the top-k of
 ``score + gate.bias`` (the bias steers selection only). The picked scores are normalised
 (``norm_topk_prob``) and scaled by ``routed_scaling_factor``. No group-limited routing.
+
+Under TP the router is replicated, the routed experts hold their rank's intermediate slice (or, under EP, the
+rank holds whole experts of its range and computes only the picks that land there) and the shared expert is
+column/row split: every rank's output is a partial sum, all-reduced once (routed + shared, fp32).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from ..errors import ConfigError
 from ..kernels import dispatch
 from ..quant.groups import scheme_of
 from .linear import QLinear
+from .parallel import SINGLE, Parallel
 
 __all__ = ["Gate", "Expert", "MoE"]
 
@@ -60,17 +65,20 @@ class Expert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: DSV4Config, layer_id: int, schemes: dict[str, str], *, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: DSV4Config, layer_id: int, schemes: dict[str, str], *, dtype: torch.dtype,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
         if cfg.score_func not in _SCORE_FUNCS:
             raise ConfigError("scoring_func", expected=" | ".join(_SCORE_FUNCS), found=repr(cfg.score_func))
-        self.cfg = cfg
+        self.cfg, self.par = cfg, parallel
         self.gate = Gate(cfg, layer_id, scheme_of(schemes, "ffn.gate"), dtype=dtype)
-        self.experts = nn.ModuleList(Expert(cfg.dim, cfg.moe_inter_dim, scheme_of(schemes, "ffn.experts"), dtype=dtype)
-                                     for _ in range(cfg.n_routed_experts))
+        self.expert_ids = parallel.experts(cfg)           # experts[j] is routed expert expert_ids[j]
+        inter = parallel.expert_inter(cfg)
+        self.experts = nn.ModuleList(Expert(cfg.dim, inter, scheme_of(schemes, "ffn.experts"), dtype=dtype)
+                                     for _ in self.expert_ids)
         if cfg.n_shared_experts > 0:
-            self.shared_experts = Expert(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim,
-                                         scheme_of(schemes, "ffn.shared_experts"), dtype=dtype)
+            self.shared_experts = Expert(cfg.dim, parallel.shared_inter(cfg), scheme_of(schemes, "ffn.shared_experts"),
+                                         dtype=dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [T, D]``, ``ids [T]`` -> ``(weights [T, k] fp32, expert indices [T, k])``."""
@@ -89,7 +97,23 @@ class MoE(nn.Module):
         """``x [B, S, D]``, token ids ``[B, S]`` (for hash routing) -> ``[B, S, D]``."""
         flat = x.flatten(0, 1)
         w, idx = self.route(flat, ids.flatten())
-        y = dispatch.moe(flat, w, idx, cast(Sequence[Expert], self.experts), self.cfg.swiglu_limit)
+        experts = cast(Sequence[Expert], self.experts)
+        if len(self.expert_ids) == self.cfg.n_routed_experts:
+            y = dispatch.moe(flat, w, idx, experts, self.cfg.swiglu_limit)
+        else:
+            y = self._local_picks(flat, w, idx, experts)
         if self.cfg.n_shared_experts > 0:
             y = y + dispatch.swiglu_expert(flat, self.shared_experts, None, self.cfg.swiglu_limit).float()
-        return y.to(x.dtype).view_as(x)
+        return self.par.reduce(y).to(x.dtype).view_as(x)
+
+    def _local_picks(self, flat: torch.Tensor, w: torch.Tensor, idx: torch.Tensor,
+                     experts: Sequence[Expert]) -> torch.Tensor:
+        """EP: the (token, pick) pairs routed to this rank's experts, one pick per row -> fp32 ``[T, D]``."""
+        first = self.expert_ids.start
+        tok, slot = torch.nonzero((idx >= first) & (idx < self.expert_ids.stop), as_tuple=True)
+        y = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        if tok.numel():
+            picked = dispatch.moe(flat[tok], w[tok, slot][:, None], (idx[tok, slot] - first)[:, None], experts,
+                                  self.cfg.swiglu_limit)
+            y.index_add_(0, tok, picked)
+        return y

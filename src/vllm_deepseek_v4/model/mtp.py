@@ -17,6 +17,7 @@ from .block import Block, f32
 from .hyper import hc_head
 from .kv_store import KVStore
 from .linear import QLinear
+from .parallel import SINGLE, Parallel
 from .primitives import RMSNorm
 
 __all__ = ["MTPBlock"]
@@ -25,8 +26,9 @@ __all__ = ["MTPBlock"]
 class MTPBlock(Block):
     """Block ``L + k`` (its ratio from ``compress_ratios[L + k]``, gate-bias routing) plus the MTP projections."""
 
-    def __init__(self, cfg: DSV4Config, k: int, schemes: dict[str, str], *, dtype: torch.dtype) -> None:
-        super().__init__(cfg, cfg.n_layers + k, schemes, dtype=dtype)
+    def __init__(self, cfg: DSV4Config, k: int, schemes: dict[str, str], *, dtype: torch.dtype,
+                 parallel: Parallel = SINGLE) -> None:
+        super().__init__(cfg, cfg.n_layers + k, schemes, dtype=dtype, parallel=parallel)   # e/h_proj replicated
         D, N = cfg.dim, cfg.hc_mult
         self.e_proj = QLinear(D, D, scheme_of(schemes, "e_proj"), dtype=dtype)
         self.h_proj = QLinear(D, D, scheme_of(schemes, "h_proj"), dtype=dtype)

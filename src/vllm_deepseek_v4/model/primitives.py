@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DSV4Config
+from .parallel import SINGLE, Parallel
 
 __all__ = ["RMSNorm", "rms_unweighted", "Embedding", "rope_inv_freq", "apply_rope"]
 
@@ -34,14 +35,26 @@ class RMSNorm(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embedding ``weight [vocab, D]`` (``embed.weight``); separate from ``head`` (no tying)."""
+    """Token embedding ``weight [vocab, D]`` (``embed.weight``); separate from ``head`` (no tying).
 
-    def __init__(self, vocab: int, dim: int, *, dtype: torch.dtype = torch.bfloat16) -> None:
+    Vocab-parallel under TP: a rank holds the rows of its vocab range, looks up the ids inside it, zeroes the
+    others and the ranks' rows are summed (each id is found on exactly one rank, so the sum is exact)."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype: torch.dtype = torch.bfloat16,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab, dim, dtype=dtype), requires_grad=False)
+        self.par = parallel
+        rows = parallel.split(vocab, "vocab_size")
+        self.first = rows.start
+        self.weight = nn.Parameter(torch.empty(len(rows), dim, dtype=dtype), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        if self.par.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.first
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        rows = F.embedding(local.masked_fill(~inside, 0), self.weight).masked_fill(~inside[..., None], 0)
+        return self.par.reduce(rows)
 
 
 @lru_cache(maxsize=None)

@@ -11,6 +11,10 @@
   MTP proposer (``get_mtp_target_hidden_states``).
 - ``load_weights`` routes vLLM's ``(name, tensor)`` stream through the plan and fails if anything is
   left unfilled or unexplained.
+- Tensor / expert parallel (``--tensor-parallel-size``, ``--enable-expert-parallel``): each rank builds its
+  shard (``model.parallel``: local heads, groups, index heads, intermediate, vocab rows, experts) and reads
+  only its slices (``loader.sharding.rank_reads`` through the router); the collectives are vLLM's TP group's.
+  ``compute_logits`` returns the whole vocab on every rank (the head's slices are all-gathered).
 """
 from __future__ import annotations
 
@@ -22,12 +26,13 @@ from torch import nn
 from ..loader.load import schemes_from_plan
 from ..loader.plan import build_plan
 from ..model import DSV4Model, ModelState
+from ..model.parallel import SINGLE, Parallel
 from ..native.paths import model_source, resolve_model_dir
 from .dummy import materialize_if_dummy
 from .kv import PagedKV, StepInputs
 from .weights import PlanRouter, assign, check_filled
 
-__all__ = ["DSV4ForCausalLM", "model_path"]
+__all__ = ["DSV4ForCausalLM", "model_path", "parallel_context"]
 
 
 def model_path(model_config: object) -> str:
@@ -53,6 +58,24 @@ def check_supported(vllm_config: object) -> None:
                                   "stored in (detected from the safetensors headers)")
 
 
+def parallel_context(vllm_config: object) -> Parallel:
+    """This rank's place in vLLM's TP group and vLLM's collectives over it (EP runs over the same group)."""
+    pc = vllm_config.parallel_config  # type: ignore[attr-defined]
+    if pc.data_parallel_size != 1:
+        raise NotImplementedError(f"DSv4 plugin: data_parallel_size={pc.data_parallel_size} is not supported "
+                                  "(experts are split over the TP group only)")
+    tp = pc.tensor_parallel_size
+    if tp == 1:
+        return SINGLE
+    from vllm.distributed import (get_tensor_model_parallel_rank, tensor_model_parallel_all_gather,
+                                  tensor_model_parallel_all_reduce)
+
+    rank, ep = get_tensor_model_parallel_rank(), bool(pc.enable_expert_parallel)
+    return Parallel(tp_rank=rank, tp_size=tp, ep_rank=rank if ep else 0, ep_size=tp if ep else 1,
+                    all_reduce=lambda t: tensor_model_parallel_all_reduce(t.contiguous()),
+                    all_gather=lambda t: tensor_model_parallel_all_gather(t.contiguous(), dim=-1))
+
+
 class DSV4ForCausalLM(nn.Module):
     """Target model. Exposes ``model.embed_tokens`` and ``lm_head`` under vLLM's names so the MTP proposer
     shares them with the draft."""
@@ -67,8 +90,9 @@ class DSV4ForCausalLM(nn.Module):
         self.cfg = full.without_mtp()
         self.dtype: torch.dtype = mc.dtype
         self.schemes = schemes_from_plan(self.plan).get("main", {})
+        self.par = parallel_context(vllm_config)
         with torch.device("meta"):
-            self.model = DSV4Model(self.cfg, schemes={"main": self.schemes}, dtype=self.dtype)
+            self.model = DSV4Model(self.cfg, schemes={"main": self.schemes}, dtype=self.dtype, parallel=self.par)
         self.model.embed_tokens = self.model.embed          # vLLM's names for the proposer's sharing
         self.lm_head = self.model.head
         self.step = StepInputs()
@@ -78,8 +102,8 @@ class DSV4ForCausalLM(nn.Module):
         self._state = ModelState(list(self.kv))
         self._keep_streams = vllm_config.speculative_config is not None  # type: ignore[attr-defined]
         self._streams: torch.Tensor | None = None
-        self._router = PlanRouter(self.plan, wanted=lambda key: not key.startswith("mtp."))
-        materialize_if_dummy(vllm_config, self.model, dict(self.model.named_modules()), self._router, self.dtype,
+        self._router = PlanRouter(self.plan, wanted=lambda key: not key.startswith("mtp."), parallel=self.par)
+        materialize_if_dummy(vllm_config, self.model, self.model.canonical_modules(), self._router, self.dtype,
                              "trunk")                  # load_format=dummy never calls load_weights
 
     # ---- vLLM model interface ----
@@ -110,7 +134,7 @@ class DSV4ForCausalLM(nn.Module):
         return name not in self._router.targets
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        modules = dict(self.model.named_modules())
+        modules = self.model.canonical_modules()
         for key, t in self._router.route(weights):
             assign(modules, key, t, self.dtype, self.plan.path)
         self._router.finish()

@@ -28,10 +28,11 @@ from ..loader.plan import build_plan
 from ..model import resolve_schemes
 from ..model.linear import QLinear
 from ..model.mtp import MTPBlock
+from ..model.parallel import global_expert_names
 from ..model.primitives import Embedding
 from .dummy import materialize_if_dummy
 from .kv import PagedKV, StepInputs
-from .model import check_supported, model_path
+from .model import check_supported, model_path, parallel_context
 from .weights import PlanRouter, assign, check_filled
 
 __all__ = ["DSV4MTPDraft"]
@@ -88,10 +89,13 @@ class DSV4MTPDraft(nn.Module):
         detected = schemes_from_plan(self.plan)
         full = resolve_schemes(cfg, {k: v for k, v in detected.items() if k.startswith("mtp.")})
         self.schemes = {f"mtp.{k}": full[f"mtp.{k}"] for k in range(cfg.n_mtp_layers)}
+        self.par = par = parallel_context(vllm_config)            # sharded like the target (vocab-parallel too)
+        par.check(cfg)
         with torch.device("meta"):
-            head = QLinear(D, cfg.vocab_size, "bf16", dtype=self.dtype)
-            blocks = [MTPBlock(cfg, k, self.schemes[f"mtp.{k}"], dtype=self.dtype) for k in range(cfg.n_mtp_layers)]
-            self.model = DraftModel(Embedding(cfg.vocab_size, D, dtype=self.dtype),
+            head = QLinear(D, len(par.vocab(cfg)), "bf16", dtype=self.dtype)
+            blocks = [MTPBlock(cfg, k, self.schemes[f"mtp.{k}"], dtype=self.dtype, parallel=par)
+                      for k in range(cfg.n_mtp_layers)]
+            self.model = DraftModel(Embedding(cfg.vocab_size, D, dtype=self.dtype, parallel=par),
                                     {str(L + k): MTPLayer(b, head) for k, b in enumerate(blocks)})
         self.lm_head = head
         self.step = StepInputs()
@@ -102,7 +106,8 @@ class DSV4MTPDraft(nn.Module):
             logger.warning("DSv4 plugin: %d MTP layers in %s; vLLM drafts every step with mtp.0 only",
                            cfg.n_mtp_layers, self.plan.path)
         self.kv = nn.ModuleList([PagedKV(cfg, cfg.ratio(L), f"{prefix}mtp.0.attn", self.step, block_size)])
-        self._router = PlanRouter(self.plan, wanted=lambda key: key.startswith(("mtp.", "head.", "embed.")))
+        self._router = PlanRouter(self.plan, wanted=lambda key: key.startswith(("mtp.", "head.", "embed.")),
+                                  parallel=par)
         self._checkpoint_digests: dict[str, str] = {}
         self._shared_checked = False
         if materialize_if_dummy(vllm_config, self, self._canonical_modules(), self._router, self.dtype, "MTP draft",
@@ -135,7 +140,7 @@ class DSV4MTPDraft(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor, spec_step_idx: int = 0) -> torch.Tensor:
         layer, cfg = self._layer(), self.cfg
         y = layer.block.head_input(hidden_states.view(1, -1, cfg.hc_mult, cfg.dim))[0]
-        return dispatch.linear(y.float(), layer.shared_head.head)
+        return self.par.gather(dispatch.linear(y.float(), layer.shared_head.head))
 
     # ---- weights ----
     def is_unused_checkpoint_weight(self, name: str) -> bool:
@@ -148,7 +153,7 @@ class DSV4MTPDraft(nn.Module):
             k = int(key) - self.cfg.n_layers
             for name, m in layer.block.named_modules():
                 out[f"mtp.{k}" + (f".{name}" if name else "")] = m
-        return out
+        return global_expert_names(out, self.par.experts(self.cfg).start)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         modules = self._canonical_modules()

@@ -7,6 +7,12 @@ parameter role(s) it fills and how (fused sources are sliced by ``ops``; extra c
 stream, one tensor at a time, and :func:`assign` puts each canonical tensor into its module exactly as
 ``loader.load.load_model`` does. ``finish`` is the strict end-of-load accounting: every wanted key filled,
 every streamed tensor known to the plan, every alias checked.
+
+Under tensor/expert parallelism (a ``parallel`` context) each target's ops are extended with the rank's slice
+from ``loader.sharding.rank_reads`` (quant companions on their block boundaries; a split that cuts a block or
+a head/group raises at construction, i.e. at startup). vLLM's safetensors iterator yields memory-mapped
+tensors, so narrowing before ``contiguous`` reads only the rank's bytes; parameters another EP rank owns are
+no target here at all (``is_unused_checkpoint_weight`` lets vLLM skip them).
 """
 from __future__ import annotations
 
@@ -18,8 +24,12 @@ import torch
 from ..errors import AliasMismatchError, MissingTensorError, PlanError
 from ..loader.load import assign_tensor as assign, check_filled  # noqa: F401  (used by model.py / mtp.py)
 from ..loader.plan import LoadPlan
+from ..loader.sharding import local_shape, rank_reads
 from ..loader.stream import apply_ops
 from ..loader.values import plan_checks, value_checks_enabled
+from ..model.parallel import SINGLE, Parallel
+from ..quant import SCHEMES
+from ..quant.scheme import SHAPE
 
 __all__ = ["PlanRouter", "assign", "check_filled"]
 
@@ -29,10 +39,21 @@ class _Target:
     key: str                        # canonical key this (slice of the) tensor fills
     ops: tuple[tuple, ...]          # select / narrow / t steps applied to the on-disk tensor
     alias: bool                     # an extra copy of a shared tensor: compared, never assigned
+    shape: tuple[int, ...] | None = None   # w4a16 weight_shape of a sharded rank: replaced by its local shape
 
 
 def _key(name: str, quant: object, role: str) -> str:
     return name if quant is None else f"{name}.{role}"
+
+
+def _local_shape_tensor(t: torch.Tensor, local: tuple[int, ...], key: str, name: str, path: str) -> torch.Tensor:
+    """A w4a16 ``weight_shape`` holds the full logical shape on disk; a TP rank's codes are a slice of it."""
+    from ..errors import TensorShapeError
+
+    if t.numel() != len(local):
+        raise TensorShapeError(file=path, tensor=name, expected=f"a [{len(local)}] weight_shape for {key}",
+                               found=list(t.shape))
+    return torch.tensor(local, dtype=t.dtype)
 
 
 class PlanRouter:
@@ -43,28 +64,37 @@ class PlanRouter:
     explains (e.g. a hash layer's unused bias), are skipped; a tensor the plan has never seen is an error.
     """
 
-    def __init__(self, plan: LoadPlan, wanted: Callable[[str], bool]) -> None:
+    def __init__(self, plan: LoadPlan, wanted: Callable[[str], bool], parallel: Parallel = SINGLE) -> None:
         plan.raise_if_bad()
         self.plan = plan
         self.targets: dict[str, list[_Target]] = {}
         self.wanted: set[str] = set()
         self._aliased: set[str] = set()
+        rank = dict(tp_rank=parallel.tp_rank, tp_size=parallel.tp_size, ep_rank=parallel.ep_rank,
+                    ep_size=parallel.ep_size, cfg=plan.cfg)
         for name, pp in plan.params.items():
             keys = [_key(name, pp.quant, role) for role in pp.roles]
             mine = [k for k in keys if wanted(k)]
             if not mine:
                 continue
+            reads = rank_reads(pp, **rank)                 # {} : another EP rank's expert
+            if not reads:
+                continue
             for role, src in pp.roles.items():
                 k = _key(name, pp.quant, role)
-                self.targets.setdefault(src.tensor, []).append(_Target(k, src.ops, False))
+                shape = None
+                if pp.quant is not None and SCHEMES[pp.scheme].role(role).kind == SHAPE and parallel.tp_size > 1:
+                    shape = local_shape(pp, **rank)
+                self.targets.setdefault(src.tensor, []).append(_Target(k, src.ops + reads[role], False, shape))
                 self.wanted.add(k)
             if pp.aliases:
                 if len(keys) != 1:
                     raise PlanError([f"{name}: aliased copies of a multi-role parameter ({', '.join(keys)}) "
                                      "cannot be compared role by role"], file=plan.path)
                 self._aliased.add(keys[0])
+                extra = reads[next(iter(pp.roles))]
                 for a in pp.aliases:
-                    self.targets.setdefault(a.tensor, []).append(_Target(keys[0], a.ops, True))
+                    self.targets.setdefault(a.tensor, []).append(_Target(keys[0], a.ops + extra, True))
         self.filled: set[str] = set()
         self._primary: dict[str, torch.Tensor] = {}       # values of aliased keys, until every copy is checked
         self._pending: dict[str, list[tuple[str, torch.Tensor]]] = {}   # aliases seen before their primary
@@ -84,6 +114,8 @@ class PlanRouter:
                 continue
             for tgt in targets:
                 t = apply_ops(tensor, tgt.ops).contiguous() if tgt.ops else tensor
+                if tgt.shape is not None:
+                    t = _local_shape_tensor(t, tgt.shape, tgt.key, name, self.plan.path)
                 check = None if tgt.alias else self._checks.get((name, tgt.key))
                 if check is not None:
                     check.check(t, tgt.ops)
