@@ -6,7 +6,9 @@ greedy tokens per prompt, once plainly and once speculatively (``model/speculati
 (accepted / draft tokens), per-position acceptance (accepted at i / drafts), mean acceptance length
 (1 + accepted / drafts) and whether the speculative tokens equal plain greedy decoding. Checks: speculative
 == greedy everywhere, equivalent layouts (``zoo.json`` ``equivalent_to``) identical, the BF16 draft's k=1
-acceptance, and each quantized layout's distance to BF16. Writes OUT.json (rows read by
+acceptance, and each quantized layout's distance to BF16. At ``--temperature`` (default 0.8), the expected
+k = 1 acceptance of greedy and of probabilistic drafting on the held-out windows, computed exactly from the two
+distributions (``model/speculative.py`` ``expected_acceptance``, teacher-forced). Writes OUT.json (rows read by
 ``benchmarks/acceptance.py``), OUT.md and OUT.png.
 
     python benchmarks/offline_acceptance.py --zoo /tmp/dsv4-zoo --out benchmarks/results/offline_acceptance
@@ -29,10 +31,11 @@ from vllm_deepseek_v4.devtools.corpus import heldout_windows, load_tokenizer
 from vllm_deepseek_v4.devtools.records import meta, portable
 from vllm_deepseek_v4.loader.load import load_model
 from vllm_deepseek_v4.model.mtp_eval import mtp_scores
-from vllm_deepseek_v4.model.speculative import SpecStats, greedy_generate, speculative_generate
+from vllm_deepseek_v4.model.speculative import SpecStats, expected_acceptance, greedy_generate, speculative_generate
 
 COLUMNS = ["layout", "k", "acceptance", "per_position", "mean_acceptance_length", "identical_to_greedy",
-           "drafts", "greedy_agreement_with_reference", "heldout_agreement", "heldout_main_loss", "heldout_mtp_loss"]
+           "drafts", "greedy_agreement_with_reference", "heldout_agreement", "heldout_main_loss", "heldout_mtp_loss",
+           "heldout_expected_greedy_T", "heldout_expected_probabilistic_T"]
 REFERENCE = "upstream_bf16"
 
 
@@ -50,15 +53,20 @@ def layouts(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
-def run_layout(path: str, prompts: list[str], ks: list[int], n: int,
-               windows: torch.Tensor | None) -> tuple[list[list[int]], dict[int, Any], dict[str, float]]:
+def run_layout(path: str, prompts: list[str], ks: list[int], n: int, windows: torch.Tensor | None,
+               temperature: float = 0.8) -> tuple[list[list[int]], dict[int, Any], dict[str, float]]:
     """Plain greedy tokens per prompt; per k the merged stats and the speculative tokens; teacher-forced
-    held-out scores (trajectory-free: both models see the same text)."""
+    held-out scores (trajectory-free: both models see the same text), with the expected acceptance of both
+    drafting methods at ``temperature``."""
     model, _ = load_model(path, dtype=torch.float32, progress=False)
     model.eval()
     tok = load_tokenizer(path)
     ids = [torch.tensor([tok.encode(p).ids]) for p in prompts]
     scores = mtp_scores(model, windows, batch=2).as_dict() if windows is not None else {}
+    if windows is not None:
+        text = [(w[:1].tolist(), w[1:].tolist()) for w in windows]
+        for method in ("greedy", "probabilistic"):
+            scores[f"expected_{method}_T"] = expected_acceptance(model, text, temperature, method)
     greedy = [greedy_generate(model, x, n) for x in ids]
     by_k: dict[int, Any] = {}
     for k in ks:
@@ -137,6 +145,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt")
     ap.add_argument("--heldout-windows", type=int, default=4, help="teacher-forced held-out windows (0: none)")
     ap.add_argument("--heldout-len", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.8, help="of the held-out expected acceptance columns")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--out", default="benchmarks/results/offline_acceptance")
     args = ap.parse_args()
@@ -153,7 +162,7 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         windows = heldout_windows(lay["path"], args.heldout_windows, args.heldout_len) if args.heldout_windows else None
-        greedy, by_k, scores = run_layout(lay["path"], prompts, ks, args.max_tokens, windows)
+        greedy, by_k, scores = run_layout(lay["path"], prompts, ks, args.max_tokens, windows, args.temperature)
         greedy_tokens[lay["name"]] = greedy
         spec_tokens[lay["name"]] = {k: toks for k, (_, toks) in by_k.items()}
         for k, (stats, toks) in by_k.items():
@@ -162,7 +171,8 @@ def main() -> int:
                          "mean_acceptance_length": round(stats.mean_acceptance_length, 4),
                          "identical_to_greedy": toks == greedy, "drafts": stats.drafts,
                          "draft_tokens": stats.draft_tokens, "accepted": stats.accepted,
-                         **{f"heldout_{key}": round(scores[key], 4) for key in ("agreement", "main_loss", "mtp_loss")
+                         **{f"heldout_{key}": round(scores[key], 4) for key in (
+                             "agreement", "main_loss", "mtp_loss", "expected_greedy_T", "expected_probabilistic_T")
                             if key in scores}})
         print(f"== {lay['name']}: " + ", ".join(f"k={r['k']} {r['acceptance']:.3f}" for r in rows
                                                 if r["layout"] == lay["name"]) + f" ({time.perf_counter() - t0:.0f}s)",
@@ -173,6 +183,7 @@ def main() -> int:
             r["greedy_agreement_with_reference"] = round(agree, 4)
     m = meta()
     m.update(prompts=len(prompts), max_tokens=args.max_tokens, ks=ks, threads=args.threads, dtype="float32",
+             temperature=args.temperature,
              heldout=f"{args.heldout_windows} x {args.heldout_len} tokens",
              skipped=skipped, checks=checks(rows, lays, greedy_tokens))
     table = [{**r, "per_position": " / ".join(f"{p:.3f}" for p in r["per_position"])} for r in rows]
@@ -198,7 +209,9 @@ def write_markdown(out: str, m: dict[str, Any], table: list[dict[str, Any]]) -> 
              "greedy agreement = share of tokens equal to upstream_bf16's greedy output before the first "
              "divergence (quantized trunks change the main model too); held-out columns: teacher-forced on "
              f"the first {m['heldout']} of data/tiny_corpus/heldout.jsonl (agreement = draft argmax == main argmax at "
-             "the next position, i.e. k = 1 acceptance without trajectory effects; losses in nats).", "",
+             "the next position, i.e. k = 1 acceptance without trajectory effects; losses in nats; "
+             f"heldout_expected_*_T = expected k = 1 acceptance at T = {m['temperature']} of greedy drafting, "
+             "mean p_target(argmax q), and of probabilistic drafting, mean sum min(p_target, q_draft)).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in table:
         lines.append("| " + " | ".join(_fmt(r.get(col, "")) for col in COLUMNS) + " |")
