@@ -113,11 +113,21 @@ _OLD_MTP_SELF_QC = "\n        self.quant_config = vllm_config.quant_config\n"
 _NEW_MTP_SELF_QC = ("\n" + _GLUE +
                     "\n        self.quant_config = _plan_glue.mtp_quant_config(vllm_config, vllm_config.quant_config)\n")
 
+_OLD_TARGET_INIT = ("        self.model = self.model_cls(\n"
+                    '            vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model")\n'
+                    "        )\n")
+_NEW_TARGET_INIT = (_GLUE + "\n"
+                    "        # compressed-tensors targets name checkpoint modules, never vLLM's (KeyError on\n"
+                    "        # ...weight_global_scale): the trunk's config from the plan, in vLLM's runtime names\n"
+                    "        vllm_config = _plan_glue.with_quant_config(\n"
+                    "            vllm_config, _plan_glue.target_quant_config(vllm_config, vllm_config.quant_config)\n"
+                    "        )\n" + _OLD_TARGET_INIT)
+
 # file -> [(anchor, replacement)]: each anchor must occur exactly once
 PATCHES: dict[str, list[tuple[str, str]]] = {
-    "vllm/models/deepseek_v4/nvidia/model.py": [(_OLD_TARGET, _NEW_TARGET)],
-    "vllm/models/deepseek_v4/xpu/model.py": [(_OLD_TARGET, _NEW_TARGET)],
-    "vllm/models/deepseek_v4/amd/model.py": [(_OLD_TARGET_AMD, _NEW_TARGET_AMD)],
+    "vllm/models/deepseek_v4/nvidia/model.py": [(_OLD_TARGET, _NEW_TARGET), (_OLD_TARGET_INIT, _NEW_TARGET_INIT)],
+    "vllm/models/deepseek_v4/xpu/model.py": [(_OLD_TARGET, _NEW_TARGET), (_OLD_TARGET_INIT, _NEW_TARGET_INIT)],
+    "vllm/models/deepseek_v4/amd/model.py": [(_OLD_TARGET_AMD, _NEW_TARGET_AMD), (_OLD_TARGET_INIT, _NEW_TARGET_INIT)],
     "vllm/models/deepseek_v4/nvidia/mtp.py": [_mtp_load("process_weights_after_loading"), (_OLD_MTP_QC, _NEW_MTP_QC),
                                               (_OLD_MTP_SELF_QC, _NEW_MTP_SELF_QC)],
     "vllm/models/deepseek_v4/amd/mtp.py": [_mtp_load("process_weights_after_loading"), (_OLD_MTP_QC, _NEW_MTP_QC),

@@ -175,6 +175,11 @@ def test_native_cpu_load_equals_checkpoint(geo_zoo: Path, layout: str) -> None:
             if mod.endswith(("embed_tokens", "shared_head.head", "ffn.gate")):
                 continue
             kind = "experts" if mod.endswith("routed_experts") else "linear"
+            nvfp4_linear = want[kind].startswith("CompressedTensorsLinearMethod(CompressedTensorsW4A4")
+            if mod.endswith("attn.wo_a") and nvfp4_linear:
+                # vLLM's o_proj has no kernel for an NVFP4 wo_a: ours wraps vLLM's method (draft_kernels.GAPS)
+                assert cls == want[kind].replace("CompressedTensorsLinearMethod", "DenseFp4WeightMethod"), (mod, cls)
+                continue
             assert cls == want[kind], (mod, cls)
     res.process_weights()
     assert res.processed

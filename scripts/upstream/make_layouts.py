@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 LAYOUTS = ("upstream_bf16", "upstream_fp8_mxfp4", "modelopt_mixed", "hf_names_with_mtp", "vllm_internal",
-           "head_embed_duplicated")
+           "head_embed_duplicated", "nvfp4_trunk_bf16_mtp", "nvfp4_trunk_nvfp4_mtp", "w4a16_trunk")
 OUT = Path(__file__).resolve().parent / "tests" / "layouts.json"
 
 

@@ -122,6 +122,16 @@ MTP_METHODS = {
     "hf_names_with_mtp": ("UnquantizedLinearMethod", "UnquantizedFusedMoEMethod"),
     "vllm_internal": ("UnquantizedLinearMethod", "UnquantizedFusedMoEMethod"),
     "head_embed_duplicated": ("UnquantizedLinearMethod", "UnquantizedFusedMoEMethod"),
+    # compressed-tensors trunks: stock vLLM raises KeyError (...weight_global_scale / weight_shape) on the target
+    "nvfp4_trunk_bf16_mtp": ("UnquantizedLinearMethod", "UnquantizedFusedMoEMethod"),
+    "nvfp4_trunk_nvfp4_mtp": ("CompressedTensorsLinearMethod", "CompressedTensorsW4A4Nvfp4MoEMethod"),
+    "w4a16_trunk": ("UnquantizedLinearMethod", "UnquantizedFusedMoEMethod"),
+}
+# layout -> the target's routed-experts method where its config had to be rebuilt from the plan
+TARGET_EXPERTS = {
+    "nvfp4_trunk_bf16_mtp": ("CompressedTensorsW4A4Nvfp4MoEMethod",),
+    "nvfp4_trunk_nvfp4_mtp": ("CompressedTensorsW4A4Nvfp4MoEMethod",),
+    "w4a16_trunk": ("CompressedTensorsWNA16MoEMethod", "CompressedTensorsWNA16MarlinMoEMethod"),
 }
 
 
@@ -149,6 +159,8 @@ def test_target_and_mtp_load_completely(layout: str, platform: str, tmp_path: Pa
     lin, exp = MTP_METHODS[layout]
     assert m[f"model.layers.{L}.e_proj"] == lin
     assert m[f"model.layers.{L}.mtp_block.ffn.experts.routed_experts"] == exp
+    if layout in TARGET_EXPERTS:
+        assert methods(target)["model.layers.1.ffn.experts.routed_experts"] in TARGET_EXPERTS[layout]
     assert "vllm_deepseek_v4" not in sys.modules
 
 
@@ -195,10 +207,13 @@ def test_planner_imports_without_torch(tmp_path: Path) -> None:
 
 
 def test_every_platform_is_switched() -> None:
-    """nvidia, amd and xpu: target + draft ``load_weights`` and the draft's quant config use the plan."""
+    """nvidia, amd and xpu: target + draft ``load_weights``, the draft's and the (compressed-tensors) target's
+    quant config use the plan."""
     for platform in ("nvidia", "amd", "xpu"):
         d = TREE / "vllm/models/deepseek_v4" / platform
-        assert '_plan_glue.load_weights_from_plan(\n            self, "target"' in (d / "model.py").read_text()
+        model = (d / "model.py").read_text()
+        assert '_plan_glue.load_weights_from_plan(\n            self, "target"' in model
+        assert "_plan_glue.target_quant_config(vllm_config, vllm_config.quant_config)" in model
         mtp = (d / "mtp.py").read_text()
         assert '_plan_glue.load_weights_from_plan(\n            self, "mtp"' in mtp
         assert mtp.count("_plan_glue.mtp_quant_config(vllm_config, vllm_config.quant_config)") == 2

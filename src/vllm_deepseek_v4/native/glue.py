@@ -10,7 +10,8 @@ MTP layer's quant config call it:
 - ``plan_for(path)``: the load plan of that directory (headers only; cached per directory and shard sizes);
   None only with ``VLLM_DSV4_STOCK_LOADER=1`` (the caller then runs vLLM's stock mapping, asked for);
 - ``mtp_quant_config(vllm_config, default)``: the draft's own quant config, from the schemes detected on the
-  draft's tensors (never the target's object);
+  draft's tensors (never the target's object); ``target_quant_config``: the same for the target where vLLM's
+  own config is compressed-tensors (its checkpoint-name targets never match vLLM's modules);
 - ``load_weights_from_plan(model, kind, weights, path)``: reads every tensor the plan places for this class
   straight from the artifact (one positional read per tensor; vLLM's iterator is closed unconsumed, so a
   shard vLLM would skip for the draft -- the one holding the top-level ``head`` / ``embed`` -- is still read,
@@ -29,7 +30,7 @@ from .loader import load_class, module_schemes
 from .paths import ModelPathError, model_source, resolve_model_dir
 from .quant_config import choose_family, extra_ignored, make_quant_config
 
-__all__ = ["plan_for", "mtp_quant_config", "load_weights_from_plan", "model_path", "model_quant_config",
+__all__ = ["plan_for", "mtp_quant_config", "target_quant_config", "load_weights_from_plan", "model_path", "model_quant_config",
            "with_quant_config",
            "PlanLoadError", "ModelPathError", "stock_loader_requested"]
 
@@ -87,21 +88,39 @@ def plan_path(plan: Any) -> str:
     return getattr(plan.checkpoint, "root", "")
 
 
+def _class_quant_config(vllm_config: Any, kind: str) -> Any:
+    """``kind``'s (``target`` / ``mtp``) quant config from the schemes detected on its own tensors."""
+    plan = plan_for(model_path(vllm_config))
+    _raise_plan(plan)
+    mods, problems = module_schemes(plan, kind)
+    choice = choose_family(mods)
+    if problems or choice.problems:
+        raise PlanLoadError(f"the DeepSeek-V4 {kind}'s quant config cannot be built:\n  "
+                            + "\n  ".join(problems + choice.problems))
+    qc = make_quant_config(choice, extra_ignored=extra_ignored(kind, plan))
+    logger.info("DeepSeek-V4 %s: own quant config %s (experts %s) from its tensors",
+                "MTP draft" if kind == "mtp" else "target", type(qc).__name__ if qc is not None else "none",
+                choice.experts)
+    return qc
+
+
 def mtp_quant_config(vllm_config: Any, default: Any) -> Any:
     """The MTP draft's quant config decided from the draft's own tensors; ``default`` (vLLM's object) only
     with ``VLLM_DSV4_STOCK_LOADER=1``."""
     if stock_loader_requested():
         return default
-    plan = plan_for(model_path(vllm_config))
-    _raise_plan(plan)
-    mods, problems = module_schemes(plan, "mtp")
-    choice = choose_family(mods)
-    if problems or choice.problems:
-        raise PlanLoadError("the MTP draft's quant config cannot be built:\n  " + "\n  ".join(problems + choice.problems))
-    qc = make_quant_config(choice, extra_ignored=extra_ignored("mtp", plan))
-    logger.info("DeepSeek-V4 MTP draft: own quant config %s (experts %s) from the draft's tensors",
-                type(qc).__name__ if qc is not None else "none", choice.experts)
-    return qc
+    return _class_quant_config(vllm_config, "mtp")
+
+
+def target_quant_config(vllm_config: Any, default: Any) -> Any:
+    """The target's quant config: vLLM's own object (``default``), except where it is compressed-tensors.
+    Its targets / ignore lists are written in checkpoint names (``layers.0.ffn.shared_experts.w2``), which
+    never match vLLM's module names (``model.layers.0.ffn.shared_experts.down_proj``), so vLLM builds those
+    modules unquantized and fails loading (``KeyError ...weight_global_scale``); the plan's config lists
+    vLLM's runtime names. ``default`` with ``VLLM_DSV4_STOCK_LOADER=1``."""
+    if stock_loader_requested() or _family(default) != "compressed_tensors":
+        return default
+    return _class_quant_config(vllm_config, "target")
 
 
 def model_quant_config(model: Any) -> Any:

@@ -8,6 +8,8 @@ Subclasses of the platform's ``DeepseekV4ForCausalLM`` / ``DeepSeekV4MTP`` (``vl
   mapping, which has the bugs the plan fixes); vLLM's stock mapping only with ``VLLM_DSV4_STOCK_LOADER=1``;
 - the draft's ``__init__``: built with its own quant config from the draft's tensors
   (``native.glue.mtp_quant_config``), not the target's object;
+- the target's ``__init__``: the plan's quant config where vLLM's is compressed-tensors (whose checkpoint-name
+  targets never match vLLM's modules: ``native.glue.target_quant_config``);
 - both ``__init__``s: modules whose format vLLM's DSv4 forward has no kernel for (an NVFP4 ``wo_a``) get our
   quant method (``native.draft_kernels.install``: our Triton decode at load, vLLM's own matmul after).
 """
@@ -36,7 +38,8 @@ _TARGET_POST = BASE_PACKAGE.endswith("nvidia")
 
 class NativeDeepseekV4ForCausalLM(_Target):  # type: ignore[misc, valid-type]
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        qc = glue.target_quant_config(vllm_config, vllm_config.quant_config)
+        super().__init__(vllm_config=glue.with_quant_config(vllm_config, qc), prefix=prefix)
         self.dsv4_own_kernels = draft_kernels.install(self, vllm_config.model_config.dtype)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
