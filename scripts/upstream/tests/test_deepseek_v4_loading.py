@@ -52,7 +52,10 @@ def write_artifact(layout: str, out: Path) -> Path:
     shards: dict[str, dict[str, torch.Tensor]] = {}
     for name, dt, shape, fname in rows:
         dtype = DTYPES[dt]
-        if dtype in (torch.bfloat16, torch.float16, torch.float32):
+        if dtype in (torch.bfloat16, torch.float16, torch.float32) and "scale" in name.rsplit(".", 1)[-1]:
+            # float block / group / global scales must be finite and > 0 (the loader checks the values)
+            t = (torch.rand(shape, generator=g) * 0.02 + 1e-3).to(dtype)
+        elif dtype in (torch.bfloat16, torch.float16, torch.float32):
             t = (torch.randn(shape, generator=g) * 0.02).to(dtype)
         elif dtype in (torch.int32, torch.int64):
             t = torch.randint(0, 8, shape, generator=g, dtype=dtype)
