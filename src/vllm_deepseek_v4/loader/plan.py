@@ -21,7 +21,7 @@ from ..config import DSV4Config, load_config
 from ..errors import PlanError
 from ..naming import CONVENTIONS, Resolver, Rule
 from .account import SHARED, Found, account
-from .config_check import quant_config_disagreements
+from .config_check import config_contradictions, quant_config_disagreements
 from .expected import ParamSpec, expected_params
 from .records import (FOREIGN_MTP, MTP_DROPPED, MTP_ONLY, NAMING, UNMAPPED, AnySource, ParamPlan,
                       Problem, Source, part_of)
@@ -126,7 +126,8 @@ def build_plan(path: str, *, cfg: DSV4Config | None = None, include_mtp: bool = 
         books = account(expected_params(cfg, include_mtp=include_mtp), found, cfg, include_mtp)
         plan = LoadPlan(path=path, cfg=cfg, checkpoint=ck, include_mtp=include_mtp, params=books.params,
                         explained=explained + books.explained, naming=_naming(conventions))
-        plan.add(problems + books.problems)
+        problems += books.problems
+        plan.add(config_contradictions(cfg, found) + problems if problems else [])
         _check_mtp(plan)
         plan.warnings += quant_config_disagreements(plan)
         return plan

@@ -15,7 +15,7 @@ from .expected import ParamSpec
 
 __all__ = ["Source", "AnySource", "ParamPlan", "Problem", "part_of", "UNMAPPED", "UNEXPECTED", "EXTRA_MTP_LAYER",
            "MISSING", "MTP_DROPPED", "NAMING", "MTP_ONLY", "DUPLICATE", "SHAPE", "DTYPE", "QUANT", "ALIAS_SHAPE",
-           "FOREIGN_MTP"]
+           "FOREIGN_MTP", "CONFIG"]
 
 
 class Source(NamedTuple):
@@ -69,6 +69,7 @@ DTYPE = "dtype"                       # a plain tensor of a dtype its role does 
 QUANT = "quant"                       # a linear module's tensors fit no quant scheme
 ALIAS_SHAPE = "alias_shape"           # a copy of the shared embed/head shaped differently from the primary
 FOREIGN_MTP = "foreign_mtp"           # the mtp.* block is not a DeepSeek-V4 MTP layer (a DSpark drafter)
+CONFIG = "config"                     # a config.json field the tensors contradict (named once, with the evidence)
 
 _AS_UNMAPPED = frozenset({UNMAPPED, UNEXPECTED, EXTRA_MTP_LAYER})
 _AS_MISSING = frozenset({MISSING, MTP_DROPPED})
