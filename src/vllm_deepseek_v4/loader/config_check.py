@@ -1,4 +1,6 @@
-"""Cross-check ``quantization_config`` against the tensors on disk; the tensors win, we only report.
+"""Cross-check config.json against the tensors on disk: ``quantization_config`` (the tensors win, we only
+warn), and the sizes the tensors themselves show (hidden size, vocabulary, layer and MTP layer counts: one
+error naming the field, on top of the per-tensor problems such a mismatch causes).
 
 Entries are matched against the checkpoint name of each module (in the spelling on disk and the canonical
 upstream one) and against vLLM's runtime prefix (``model.layers.{L+K}.`` for MTP), because configs are
@@ -8,13 +10,16 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Any, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
 
 from ..config import DSV4Config
 from ..quant import SCHEMES
-from .records import ParamPlan
+from .records import CONFIG, ParamPlan, Problem
 
-__all__ = ["quant_config_disagreements", "expected_scheme_ct"]
+if TYPE_CHECKING:
+    from .account import Found
+
+__all__ = ["quant_config_disagreements", "expected_scheme_ct", "config_contradictions"]
 
 # quant_method -> the format it declares (the schemes' ``methods``: fp8 -> fp8_block, modelopt* -> nvfp4)
 _METHOD_SCHEME = {m: s.name for s in SCHEMES.values() for m in s.methods}
@@ -83,3 +88,38 @@ def quant_config_disagreements(plan: "LoadPlan") -> list[str]:
             if pp.scheme == _METHOD_SCHEME[method] and any(fnmatch.fnmatchcase(n, e) for n in names for e in excl):
                 out.append(f"{disk}: excluded by hf_quant_config exclude_modules but NVFP4 on disk; trusting the tensors")
     return out[:50] + ([f"... {len(out) - 50} more"] if len(out) > 50 else [])
+
+
+_LAYER_INDEX = re.compile(r"^layers\.(\d+)\.", re.M)
+_MTP_INDEX = re.compile(r"^mtp\.(\d+)\.", re.M)
+
+
+def config_contradictions(cfg: DSV4Config, found: "list[Found]") -> list[Problem]:
+    """The config.json fields that the tensors on disk contradict, each one line with its evidence.
+
+    Called only for an artifact with problems (a good one costs nothing): the embedding's shape gives
+    ``hidden_size`` and ``vocab_size``; the highest decoder / MTP layer on disk bounds ``num_hidden_layers``
+    / ``num_nextn_predict_layers`` when the config declares more (a lower count shows as tensors that fit no
+    layer, each named already)."""
+    out = []
+
+    def contradiction(key: str, on_disk: int, declared: int, evidence: str) -> None:
+        out.append(Problem(CONFIG, "mtp.*" if "nextn" in key else "main", key, "config.json",
+                           f"expected {on_disk} ({evidence}), found {declared}"))
+    embed = next((src for f in found for name, src in zip(f.canonical, f.sources) if name == "embed.weight"), None)
+    if embed is not None and len(embed.shape) == 2 and not getattr(embed, "ops", ()):
+        where = f"{embed.tensor} is {list(embed.shape)} in {embed.file}"
+        if embed.shape[1] != cfg.dim:
+            contradiction("hidden_size", embed.shape[1], cfg.dim, where)
+        if embed.shape[0] != cfg.vocab_size:
+            contradiction("vocab_size", embed.shape[0], cfg.vocab_size, where)
+    text = "\n".join(f.text for f in found)
+    layers = {int(i) for i in _LAYER_INDEX.findall(text)}
+    if layers and max(layers) + 1 < cfg.n_layers:
+        contradiction("num_hidden_layers", max(layers) + 1, cfg.n_layers,
+                      f"decoder layers 0-{max(layers)} on disk, none above")
+    mtp = {int(i) for i in _MTP_INDEX.findall(text)}
+    if mtp and max(mtp) + 1 < cfg.n_mtp_layers:
+        contradiction("num_nextn_predict_layers", max(mtp) + 1, cfg.n_mtp_layers,
+                      f"MTP layers 0-{max(mtp)} on disk, none above")
+    return out
