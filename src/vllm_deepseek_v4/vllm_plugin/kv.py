@@ -83,8 +83,10 @@ def _cache_layer_cls() -> type[nn.Module]:
             super().__init__()
             self.layer_name, self.kind, self.kv_cache = name, kind, torch.tensor([])
             self.states = geometry.states_per_block(kind)
+            # Blocks are whole rows (``block_stride_alignment``): vLLM merges window specs into one group
+            # unless a field its merge compares differs, and kinds of other widths have other block sizes.
             common = dict(block_size=geometry.block_size(kind), num_kv_heads=1, head_size=kind.width,
-                          dtype=torch.float32, max_tp_shards=1)
+                          dtype=torch.float32, max_tp_shards=1, block_stride_alignment=kind.state_bytes)
             self.spec = (SlidingWindowMLASpec(sliding_window=geometry.window, **common) if kind.sliding
                          else MLAAttentionSpec(tokens_per_state=kind.tokens_per_state, **common))
             assert self.spec.page_size_bytes == geometry.page_bytes, (self.spec, geometry)
