@@ -1,6 +1,8 @@
 """``dsv4`` entry point: argparse subcommands, each an ``add_parser(sub)`` / ``run(args) -> int`` pair.
 
-Exit codes: 0 ok; 1 the check found problems; 2 usage error; 3 environment (missing file, no GPU).
+Exit codes: 0 ok; 1 the check found problems; 2 usage error; 3 environment (missing path, an OS error, no GPU).
+An artifact's own defects (files that are not files, bad headers or config) are ``DSV4Error``s: exit 1, one
+line each, never a traceback (``tests/test_corpus.py``).
 Heavy imports stay inside each ``run`` so ``dsv4 --help`` and ``dsv4 inspect`` start fast.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DSV4Error as e:
         print(f"dsv4 {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except FileNotFoundError as e:
+    except OSError as e:             # the environment: a missing path, or one the OS will not let us read
         print(f"dsv4 {args.command}: {e}", file=sys.stderr)
         return 3
 
