@@ -60,3 +60,43 @@ def test_without_mtp_drops_the_mtp_layers_and_their_ratios():
     main = c.without_mtp()
     assert main.n_mtp_layers == 0 and main.compress_ratios == (0, 4, 128)
     assert main.replace(n_mtp_layers=1, compress_ratios=c.compress_ratios) == c
+
+
+# ---- values of the wrong JSON type or impossible size: ConfigError naming the field, never a TypeError ----
+@pytest.mark.parametrize("change, field, says", [
+    ({"hidden_size": "64"}, "hidden_size", "expected a JSON number, found str '64'"),
+    ({"hidden_size": 64.5}, "hidden_size", "expected an integer, found 64.5"),
+    ({"num_hidden_layers": True}, "num_hidden_layers", "expected a JSON number, found bool True"),
+    ({"compress_ratios": "0,4"}, "compress_ratios", "expected a JSON array"),
+    ({"compress_ratios": [0, None, 128, 0]}, "compress_ratios", "expected a value, found nothing"),
+    ({"rope_scaling": {"factor": "16"}}, "rope_scaling.factor", "expected a JSON number"),
+    ({"norm_topk_prob": "false"}, "norm_topk_prob", "expected a JSON true/false"),
+    ({"quantization_config": ["fp8"]}, "quantization_config", "expected a JSON object"),
+    ({"o_groups": 0}, "o_groups", "expected a positive integer, found 0"),
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok", "expected at most n_routed_experts=4, found 5"),
+    ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers", "expected an integer >= 0, found -1"),
+])
+def test_bad_field_is_a_config_error_naming_it(change, field, says):
+    with pytest.raises(ConfigError) as e:
+        DSV4Config.from_dict({**make_config(), **change})
+    assert str(e.value).startswith(f"{field}: ") and says in str(e.value), str(e.value)
+
+
+def test_whole_number_floats_are_integers():
+    """``64.0`` is 64 (some exporters write every number as a float); ``64.5`` is refused above."""
+    assert DSV4Config.from_dict({**make_config(), "hidden_size": 64.0}) == DSV4Config.from_dict(make_config())
+
+
+@pytest.mark.parametrize("text, says", [("[1, 2]", "expected a JSON object of DSv4 fields, found list"),
+                                        ("null", "found NoneType"), ('{"a": ', "not valid JSON")])
+def test_config_json_that_is_not_an_object_names_the_file(tmp_path, text, says):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path))
+    assert str(e.value).startswith(str(tmp_path / "config.json")) and says in str(e.value)
+
+
+def test_config_json_that_is_a_directory_names_the_file(tmp_path):
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError, match=r"config\.json: expected a regular file, found a directory"):
+        load_config(str(tmp_path))
