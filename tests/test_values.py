@@ -8,6 +8,7 @@ plugin's ``PlanRouter`` refuse the tensor with that same line. Then: the opt-out
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 
@@ -160,9 +161,9 @@ def test_verify_values_lists_every_problem_and_reads_each_tensor_once(artifacts,
     corrupt_in_place(path, "layers.2.ffn.experts.0.w1.scale", 0, b"\xff")
     from vllm_deepseek_v4.loader import stream
     reads: list[str] = []
-    real = stream.PositionalReader.read_source
-    monkeypatch.setattr(stream.PositionalReader, "read_source",
-                        lambda self, src, **kw: reads.append(src.tensor) or real(self, src, **kw))
+    real = stream.PositionalReader._read
+    monkeypatch.setattr(stream.PositionalReader, "_read",
+                        lambda self, info, *a: reads.append(info.name) or real(self, info, *a))
     assert dsv4(["verify", "--values", str(path)]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     assert [line.split(" in ")[0] for line in out] == ["layers.0.hc_attn_fn", "layers.2.ffn.experts.0.w1.scale"]
@@ -243,3 +244,27 @@ def test_compare_refuses_nan(artifacts, tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out == "" and "tensor values NOT checked" in out.err
     assert f"main logits in {bad}: " in out.err and "(expected finite logits to compare)" in out.err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_native_loader_refuses_a_bad_value(tmp_path):
+    """vLLM's own classes loaded through the plan (``native``) refuse the tensor with the same line."""
+    import subprocess
+    import sys
+
+    from vllm_deepseek_v4.native import load_native
+
+    geo = tmp_path / "geo"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts/vllm_geometry_model.py"), str(geo)],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bad = tmp_path / "bad"
+    file = corrupt(geo, bad, "layers.1.hc_ffn_fn", 11, float("inf"))
+    res = load_native(str(bad), device="cpu")
+    line = (f"layers.1.hc_ffn_fn in {file}: 1 non-finite value (0 NaN, 1 Inf), first at flat index 11 (inf) "
+            "(expected finite F32 values)")
+    errors = res.reports["target"].errors
+    assert len(errors) == 1 and errors[0].endswith(f"TensorValueError: {line}"), errors
+

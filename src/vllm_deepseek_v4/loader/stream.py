@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ..checkpoint import Checkpoint, TensorInfo
     from .plan import LoadPlan, Source
     from .records import AnySource
+    from .values import ValueCheck
 
 __all__ = ["iter_plan_tensors", "apply_ops", "plan_keys", "PositionalReader", "scan_values", "ScanResult"]
 
@@ -54,17 +55,14 @@ def iter_plan_tensors(plan: "LoadPlan", *, progress: bool = True, atol: float = 
     from tqdm import tqdm
 
     plan.raise_if_bad()
-    checking = value_checks_enabled(plan.path, check_values, why="check_values=False")
+    checking = value_checks_enabled(plan.path, check_values,
+                                    why="turned off by the caller: check_values=False, dsv4 compare --no-value-checks")
     total = sum(len(pp.roles) for pp in plan.params.values())
     bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
     with PositionalReader(plan.checkpoint) as reader:
         for name, pp in plan.params.items():
             for role, src in pp.roles.items():
-                t = reader.read_source(src)
-                if checking:
-                    vc = value_check(plan, pp, role, src)
-                    if vc is not None:
-                        vc.check(t)
+                t = reader.read_source(src, check=value_check(plan, pp, role, src) if checking else None)
                 key = name if pp.quant is None else f"{name}.{role}"
                 for alias in pp.aliases:
                     _compare(key, src, t, alias, reader.read_source(alias), atol)
@@ -98,8 +96,8 @@ def scan_values(plan: "LoadPlan", *, progress: Callable[[int, int, int, int], No
                       dtype=torch.uint8)
     with PositionalReader(plan.checkpoint) as reader:
         for key, vc, src, aliases in jobs:
-            t = reader.read_source(src, buf=buf)
-            found = [vc.problem(t) if vc is not None else None]
+            t, err = reader.read_checked(src, vc, buf=buf)
+            found = [err]
             found += [alias_problem(key, src, t, alias, reader.read_source(alias)) for alias in aliases]
             problems += [err for err in found if err is not None]
             done += 1 + len(aliases)
@@ -134,23 +132,45 @@ class PositionalReader:
             os.close(fd)
         self._files.clear()
 
-    def read_source(self, src: "Source", *, buf: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def read_source(self, src: "Source", *, buf: "torch.Tensor | None" = None,
+                    check: "ValueCheck | None" = None) -> "torch.Tensor":
         """``src.tensor`` after ``src.ops``, contiguous and owning exactly its own bytes.
 
         ``buf``: a uint8 tensor to read into instead (the result then views it, valid until the next read
-        into it): a scan that drops every tensor reuses one buffer instead of faulting in fresh pages."""
+        into it): a scan that drops every tensor reuses one buffer instead of faulting in fresh pages.
+        ``check``: the source's value check (``loader.values``); a bad value raises ``TensorValueError``."""
+        t, err = self.read_checked(src, check, buf=buf)
+        if err is not None:
+            raise err
+        return t
+
+    def read_checked(self, src: "Source", check: "ValueCheck | None", *, buf: "torch.Tensor | None" = None
+                     ) -> tuple["torch.Tensor", "TensorValueError | None"]:
+        """``read_source`` returning the value problem instead of raising it.
+
+        The fast test (one reduction) runs on the bytes as read; only a tensor that fails it is scanned again
+        for the message (count, first index). A piece cut by ops other than a leading range is checked after
+        its ops."""
         info = self.ckpt.tensors[src.tensor]
-        t, rest = self.read(info, src.ops, buf=buf)
+        t, rest, fine = self._read(info, src.ops, buf, check)
         if rest:
             t = apply_ops(t, rest).contiguous()
             if buf is None and t.untyped_storage().nbytes() != t.numel() * t.element_size():
                 t = t.clone()                  # a view of a bigger read: keep only its own bytes
-        return t
+        if check is None or fine:
+            return t, None
+        return t, check.problem(t)
 
     def read(self, info: "TensorInfo", ops: tuple[tuple, ...] = (), *,
              buf: "torch.Tensor | None" = None) -> tuple["torch.Tensor", tuple[tuple, ...]]:
         """Read ``info`` (or the byte range its leading ``select``/``narrow`` ops pick); returns the tensor and
         the ops still to apply. ``buf``: see ``read_source``."""
+        t, rest, _ = self._read(info, ops, buf, None)
+        return t, rest
+
+    def _read(self, info: "TensorInfo", ops: tuple[tuple, ...], buf: "torch.Tensor | None",
+              check: "ValueCheck | None") -> tuple["torch.Tensor", tuple[tuple, ...], bool]:
+        """``read``, plus whether ``check``'s fast test passed on the bytes read (False: not run, or failed)."""
         import torch
 
         from ..checkpoint.format import TORCH_DTYPE_NAMES
@@ -174,7 +194,7 @@ class PositionalReader:
         if nbytes:
             fd, data_start = self._open(path, info)
             self._pread(fd, out, nbytes, data_start + info.start + offset, path, info)
-        return out, rest
+        return out, rest, check is not None and not rest and check.fine(out)
 
     def _open(self, path: str, info: "TensorInfo") -> tuple[int, int]:
         got = self._files.get(info.file)
