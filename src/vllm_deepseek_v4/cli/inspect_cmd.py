@@ -22,7 +22,8 @@ def plan_or_report(path: str, include_mtp: bool) -> tuple[Any, dict[str, Any]]:
     """Build the plan; a fatal artifact error (bad header, missing shard, bad config) becomes a report."""
     from ..loader.plan import build_plan
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no such artifact: {path}")
+        what = "a dangling or looping symlink" if os.path.lexists(path) else "no such file or directory"
+        raise FileNotFoundError(f"no such artifact: {path} ({what})")
     try:
         plan = build_plan(path, include_mtp=include_mtp)
     except DSV4Error as e:

@@ -61,8 +61,11 @@ def _fs_cases(tiny: Base, quant: Base) -> list[Case]:
         Case("fs", "quant-index-dangling", "quant", _swap(INDEX, _link("gone.json")), (INDEX, "dangling symlink")),
         Case("fs", "quant-index-fifo", "quant", _swap(INDEX, lambda p: os.mkfifo(p)), (INDEX, "FIFO")),
         Case("fs", "quant-index-loop", "quant", _swap(INDEX, _link(INDEX)), (INDEX, "symlink loop")),
-        Case("fs", "no-such-path", "tiny", lambda d: d / "nowhere", ("{dir}/nowhere",), exit_code=3),
-        Case("fs", "artifact-dangling-link", "tiny", _artifact_link, ("{dir}/dangling",), exit_code=3),
+        Case("fs", "no-such-path", "tiny", lambda d: d / "nowhere", ("{dir}/nowhere", "no such file or directory"), exit_code=3),
+        Case("fs", "artifact-dangling-link", "tiny", _artifact_link,
+             ("{dir}/dangling", "dangling or looping symlink"), exit_code=3),
+        Case("fs", "artifact-link-loop", "tiny", _artifact_loop, ("{dir}/loop", "dangling or looping symlink"),
+             exit_code=3),
     ]
     return cases
 
@@ -72,6 +75,11 @@ def _two_link_loop(d: Path) -> Path:
     os.symlink("loop-b.safetensors", d / "loop-a.safetensors")
     os.symlink("loop-a.safetensors", d / "loop-b.safetensors")
     return d
+
+
+def _artifact_loop(d: Path) -> Path:
+    os.symlink(d / "loop", d / "loop")
+    return d / "loop"
 
 
 def _artifact_link(d: Path) -> Path:
