@@ -66,4 +66,18 @@ def register_quant_config() -> None:
         def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> None:
             return None
 
+    # Picklable by name (TP > 1 spawns workers with the vllm_config, quant config included): see __getattr__.
+    DSV4PluginQuantConfig.__qualname__ = DSV4PluginQuantConfig.__name__
+    globals()[DSV4PluginQuantConfig.__name__] = DSV4PluginQuantConfig
     register_quantization_config(QUANT_NAME)(DSV4PluginQuantConfig)
+
+
+def __getattr__(name: str) -> Any:
+    """A spawned TP worker unpickles ``quant.DSV4PluginQuantConfig`` before vLLM loads plugins: register first."""
+    if name == "DSV4PluginQuantConfig":
+        from . import register
+
+        register()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
