@@ -52,6 +52,7 @@ DEST = "vllm/models/deepseek_v4/loading"
 # the modules the branch needs; everything they import from this package comes along (import closure)
 ROOTS = ("loader/plan.py", "native/glue.py", "native/loader.py", "native/tables.py", "native/quant_config.py",
          "loader/stream.py")
+PLANNER_ROOTS = tuple(r for r in ROOTS if not r.startswith("native/"))
 # package __init__ files written fresh (ours re-export entry points the branch does not carry)
 FRESH_INITS = {
     "__init__.py": '"""DeepSeek-V4 checkpoint load planning: which on-disk tensor fills which parameter, in which\n'
@@ -121,7 +122,15 @@ _NEW_TARGET_INIT = (_GLUE + "\n"
                     "        # ...weight_global_scale): the trunk's config from the plan, in vLLM's runtime names\n"
                     "        vllm_config = _plan_glue.with_quant_config(\n"
                     "            vllm_config, _plan_glue.target_quant_config(vllm_config, vllm_config.quant_config)\n"
-                    "        )\n" + _OLD_TARGET_INIT)
+                    "        )\n" + _OLD_TARGET_INIT +
+                    "        # an NVFP4 wo_a: vLLM's o_proj reads the weight itself; our decode at load (Triton)\n"
+                    "        _plan_glue.install_own_kernels(self, vllm_config)\n")
+_OLD_MTP_INIT = ("        self.model = DeepSeekV4MultiTokenPredictor(\n"
+                 '            vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model")\n'
+                 "        )\n")
+_NEW_MTP_INIT = (_OLD_MTP_INIT +                 # _plan_glue: imported above in this __init__ (_NEW_MTP_SELF_QC)
+                 "        # an NVFP4 wo_a: vLLM's o_proj reads the weight itself; our decode at load (Triton)\n"
+                 "        _plan_glue.install_own_kernels(self, vllm_config)\n")
 
 # file -> [(anchor, replacement)]: each anchor must occur exactly once
 PATCHES: dict[str, list[tuple[str, str]]] = {
@@ -129,11 +138,11 @@ PATCHES: dict[str, list[tuple[str, str]]] = {
     "vllm/models/deepseek_v4/xpu/model.py": [(_OLD_TARGET, _NEW_TARGET), (_OLD_TARGET_INIT, _NEW_TARGET_INIT)],
     "vllm/models/deepseek_v4/amd/model.py": [(_OLD_TARGET_AMD, _NEW_TARGET_AMD), (_OLD_TARGET_INIT, _NEW_TARGET_INIT)],
     "vllm/models/deepseek_v4/nvidia/mtp.py": [_mtp_load("process_weights_after_loading"), (_OLD_MTP_QC, _NEW_MTP_QC),
-                                              (_OLD_MTP_SELF_QC, _NEW_MTP_SELF_QC)],
+                                              (_OLD_MTP_SELF_QC, _NEW_MTP_SELF_QC), (_OLD_MTP_INIT, _NEW_MTP_INIT)],
     "vllm/models/deepseek_v4/amd/mtp.py": [_mtp_load("process_weights_after_loading"), (_OLD_MTP_QC, _NEW_MTP_QC),
-                                           (_OLD_MTP_SELF_QC, _NEW_MTP_SELF_QC)],
+                                           (_OLD_MTP_SELF_QC, _NEW_MTP_SELF_QC), (_OLD_MTP_INIT, _NEW_MTP_INIT)],
     "vllm/models/deepseek_v4/xpu/mtp.py": [_mtp_load("finalize_mega_moe_weights"), (_OLD_MTP_QC, _NEW_MTP_QC),
-                                           (_OLD_MTP_SELF_QC, _NEW_MTP_SELF_QC)],
+                                           (_OLD_MTP_SELF_QC, _NEW_MTP_SELF_QC), (_OLD_MTP_INIT, _NEW_MTP_INIT)],
 }
 
 
@@ -191,9 +200,9 @@ def _imports(pkg_root: Path, f: Path) -> list[tuple[list[str], list[str]]]:
     return out
 
 
-def closure(pkg: Path) -> list[Path]:
+def closure(pkg: Path, roots: tuple[str, ...] = ROOTS) -> list[Path]:
     seen: dict[Path, None] = {}
-    todo = [pkg / r for r in ROOTS]
+    todo = [pkg / r for r in roots]
     fresh = {pkg / k for k in FRESH_INITS}
     while todo:
         f = todo.pop()
@@ -285,7 +294,7 @@ def _build(tree: Path, branch: str, pkg: Path, tests_dir: Path, commit: str) -> 
     files = closure(pkg)
     git(tree, "checkout", "-q", "-b", branch)
     copied, torch_free = [], []
-    planner = set(f for f in files if not f.relative_to(pkg).parts[0] == "native")
+    planner = set(closure(pkg, PLANNER_ROOTS))     # must stay stdlib-only (the kernels may import torch)
     for f in files:
         rel = f.relative_to(pkg)
         dest = tree / DEST / rel

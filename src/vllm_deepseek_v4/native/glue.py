@@ -30,7 +30,7 @@ from .loader import load_class, module_schemes
 from .paths import ModelPathError, model_source, resolve_model_dir
 from .quant_config import choose_family, extra_ignored, make_quant_config
 
-__all__ = ["plan_for", "mtp_quant_config", "target_quant_config", "load_weights_from_plan", "model_path", "model_quant_config",
+__all__ = ["plan_for", "mtp_quant_config", "target_quant_config", "install_own_kernels", "load_weights_from_plan", "model_path", "model_quant_config",
            "with_quant_config",
            "PlanLoadError", "ModelPathError", "stock_loader_requested"]
 
@@ -121,6 +121,18 @@ def target_quant_config(vllm_config: Any, default: Any) -> Any:
     if stock_loader_requested() or _family(default) != "compressed_tensors":
         return default
     return _class_quant_config(vllm_config, "target")
+
+
+def install_own_kernels(model: Any, vllm_config: Any) -> dict[str, str]:
+    """Modules of ``model`` whose on-disk format vLLM's DeepSeek-V4 forward has no kernel for (an NVFP4
+    ``wo_a``: vLLM's ``o_proj`` reads the weight itself) get ours (``draft_kernels.install``); returns module ->
+    what runs it. Call after the modules are built, before loading."""
+    from .draft_kernels import install
+
+    done = install(model, vllm_config.model_config.dtype)
+    if done:
+        logger.info("DeepSeek-V4: our kernels for %d module(s) vLLM has none for: %s", len(done), ", ".join(done))
+    return done
 
 
 def model_quant_config(model: Any) -> Any:

@@ -11,14 +11,14 @@ Subclasses of the platform's ``DeepseekV4ForCausalLM`` / ``DeepSeekV4MTP`` (``vl
 - the target's ``__init__``: the plan's quant config where vLLM's is compressed-tensors (whose checkpoint-name
   targets never match vLLM's modules: ``native.glue.target_quant_config``);
 - both ``__init__``s: modules whose format vLLM's DSv4 forward has no kernel for (an NVFP4 ``wo_a``) get our
-  quant method (``native.draft_kernels.install``: our Triton decode at load, vLLM's own matmul after).
+  quant method (``native.glue.install_own_kernels``: our Triton decode at load, vLLM's own matmul after).
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any, Iterable
 
-from ..native import draft_kernels, glue
+from ..native import glue
 
 __all__ = ["NativeDeepseekV4ForCausalLM", "NativeDeepSeekV4MTP", "BASE_PACKAGE"]
 
@@ -40,7 +40,7 @@ class NativeDeepseekV4ForCausalLM(_Target):  # type: ignore[misc, valid-type]
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         qc = glue.target_quant_config(vllm_config, vllm_config.quant_config)
         super().__init__(vllm_config=glue.with_quant_config(vllm_config, qc), prefix=prefix)
-        self.dsv4_own_kernels = draft_kernels.install(self, vllm_config.model_config.dtype)
+        self.dsv4_own_kernels = glue.install_own_kernels(self, vllm_config)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         loaded = glue.load_weights_from_plan(self, "target", weights, glue.model_path(self.config))
@@ -55,7 +55,7 @@ class NativeDeepSeekV4MTP(_Draft):  # type: ignore[misc, valid-type]
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         qc = glue.mtp_quant_config(vllm_config, vllm_config.quant_config)
         super().__init__(vllm_config=glue.with_quant_config(vllm_config, qc), prefix=prefix)
-        self.dsv4_own_kernels = draft_kernels.install(self, vllm_config.model_config.dtype)
+        self.dsv4_own_kernels = glue.install_own_kernels(self, vllm_config)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         loaded = glue.load_weights_from_plan(self, "mtp", weights, glue.model_path(self.config))
