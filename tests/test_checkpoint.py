@@ -457,3 +457,26 @@ def test_unstattable_shard_is_one_line(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(CheckpointError, match=r"model\.safetensors: shard is not readable: expected read "
                                               r"permission, found Permission denied"):
         scan_checkpoint(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- repeated keys
+
+
+def test_tensor_listed_twice_is_named_not_reported_as_a_gap(tmp_path: Path) -> None:
+    """json keeps the last of two equal keys: the first entry's bytes would show as a gap before the *next*
+    tensor. The duplicate itself is named."""
+    a = '"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}'
+    header = ('{' + a + ',"b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]},' + a.replace("[0,4]", "[8,12]")
+              + ',"c":{"dtype":"U8","shape":[4],"data_offsets":[12,16]}}').encode()
+    write_raw(tmp_path / "model.safetensors", header, bytes(16))
+    with pytest.raises(CheckpointError) as e:
+        scan_checkpoint(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'model.safetensors'}: a: tensor listed twice in the header: "
+                            "expected each name once, found 2 entries")
+
+
+def test_entry_repeating_a_field_is_named(tmp_path: Path) -> None:
+    header = b'{"a":{"dtype":"U8","shape":[4],"dtype":"I8","data_offsets":[0,4]}}'
+    write_raw(tmp_path / "model.safetensors", header, bytes(4))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: a: header entry repeats the key 'dtype'"):
+        scan_checkpoint(tmp_path)

@@ -162,15 +162,26 @@ def _read_header(path: str, size: int) -> tuple[dict[str, object], int]:
     return header, 8 + hlen
 
 
+class _Repeats(dict):
+    """An entry that repeats key ``key`` (kept for the header's own hook, which knows the tensor's name)."""
+
+    key = ""
+
+
 def _unique_keys(path: str, pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """``object_pairs_hook``: refuse an object that repeats a key (a tensor, or a field of one entry)."""
+    """``object_pairs_hook``: refuse a header that lists a tensor twice, or an entry that repeats a field."""
     obj = dict(pairs)
+    bad = next(((k, v.key) for k, v in pairs if isinstance(v, _Repeats)), None)
+    if bad:
+        raise _fail(path, f"header entry repeats the key {bad[1]!r}", "each key once per entry", "it twice", bad[0])
     if len(obj) < len(pairs):
         seen: set[str] = set()
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))   # type: ignore[func-returns-value]
-        if any(isinstance(v, dict) for _, v in pairs):     # the header itself: its values are the entries
-            raise _fail(path, "tensor listed twice in the header", "each name once", "2 entries", dup)
-        raise _fail(path, f"header entry repeats the key {dup!r}", "each key once per entry", "it twice")
+        if not any(isinstance(v, dict) for _, v in pairs):    # an entry (its fields are not objects)
+            entry = _Repeats(obj)
+            entry.key = dup
+            return entry
+        raise _fail(path, "tensor listed twice in the header", "each name once", "2 entries", dup)
     return obj
 
 

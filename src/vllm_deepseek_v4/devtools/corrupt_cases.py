@@ -135,24 +135,28 @@ def _header_cases(base_name: str, base: Base, file: str, tensor: str, tag: str =
     other = "BF16" if entry["dtype"] != "BF16" else "F32"
 
     def c(id: str, fn: Callable, *expect: str) -> Case:
-        return Case("header", f"{tag or base_name}-{id}", base_name, edit_header(file, fn) if id[:4] != "raw-" else fn,
-                    (file, *expect))
+        """A case editing the header JSON of ``file`` with ``fn``."""
+        return Case("header", f"{tag or base_name}-{id}", base_name, edit_header(file, fn), (file, *expect))
+
+    def r(id: str, fn: Callable[[bytes], bytes], *expect: str) -> Case:
+        """A case editing the raw bytes of ``file`` with ``fn``."""
+        return Case("header", f"{tag or base_name}-raw-{id}", base_name, edit_raw(file, fn), (file, *expect))
     return [
-        c("raw-length-beyond-eof", edit_raw(file, lambda b: (len(b) * 2).to_bytes(8, "little") + b[8:]),
+        r("length-beyond-eof", lambda b: (len(b) * 2).to_bytes(8, "little") + b[8:],
           "header length beyond end of file"),
-        c("raw-length-zero", edit_raw(file, lambda b: bytes(8) + b[8:]), "malformed header JSON"),
-        c("raw-length-cut", edit_raw(file, lambda b: (int.from_bytes(b[:8], "little") - 9).to_bytes(8, "little")
-                                     + b[8:]), "malformed header JSON"),
-        c("raw-length-over", edit_raw(file, lambda b: (int.from_bytes(b[:8], "little") + 3).to_bytes(8, "little")
-                                      + b[8:]), "malformed header JSON"),
-        c("raw-file-7-bytes", edit_raw(file, lambda b: b[:7]), "too short"),
-        c("raw-not-utf8", edit_raw(file, lambda b: b[:9] + b"\xff" + b[10:]), "malformed header JSON"),
-        c("raw-not-json", edit_raw(file, lambda b: b[:8] + b"[" + b[9:]), "malformed header JSON"),
-        c("raw-truncated-data", edit_raw(file, lambda b: b[:-1]), last, "beyond end of file"),
-        c("raw-trailing-bytes", edit_raw(file, lambda b: b + bytes(16)), last, "trailing bytes"),
+        r("length-zero", lambda b: bytes(8) + b[8:], "malformed header JSON"),
+        r("length-cut", lambda b: (int.from_bytes(b[:8], "little") - 9).to_bytes(8, "little") + b[8:],
+          "malformed header JSON"),
+        r("length-over", lambda b: (int.from_bytes(b[:8], "little") + 3).to_bytes(8, "little") + b[8:],
+          "malformed header JSON"),
+        r("file-7-bytes", lambda b: b[:7], "too short"),
+        r("not-utf8", lambda b: b[:9] + b"\xff" + b[10:], "malformed header JSON"),
+        r("not-json", lambda b: b[:8] + b"[" + b[9:], "malformed header JSON"),
+        r("truncated-data", lambda b: b[:-1], last, "beyond end of file"),
+        r("trailing-bytes", lambda b: b + bytes(16), last, "trailing bytes"),
         c("header-is-list", lambda h: json.dumps(list(h)), "not a JSON object"),
         c("tensor-twice", _repeat_tensor(tensor), tensor, "listed twice"),
-        c("key-twice", _repeat_key(tensor), "repeats the key 'dtype'"),
+        c("key-twice", _repeat_key(tensor), tensor, "repeats the key 'dtype'"),
         c("entry-not-object", lambda h: h.__setitem__(tensor, [start, end]), tensor, "header entry"),
         c("no-dtype", _drop_field(tensor, "dtype"), tensor, "unknown dtype"),
         c("no-shape", _drop_field(tensor, "shape"), tensor, "bad shape"),
