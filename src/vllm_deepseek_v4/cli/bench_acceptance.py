@@ -280,38 +280,45 @@ def bench(path: str, args: Any, prompts: list[str] | None = None) -> dict[str, A
 
 
 def add_expectations(path: str, report: dict[str, Any]) -> None:
-    """``expected_acceptance`` per spec row: the portable model's exact expectation on the served sequences of
-    a one-token draft's acceptance (compare with the row's position-0 acceptance), and its binomial noise."""
+    """Per spec row, from the portable model on the served sequences: ``expected_acceptance``, a one-token
+    draft's acceptance at a random position (compare with the row's position-0 acceptance; binomial noise), and
+    for k = 1 ``expected_on_tokens``, what vLLM's counters should read on exactly these tokens (greedy drafting:
+    exactly; probabilistic: within the Bernoulli noise given the tokens)."""
     import torch
 
     from ..loader.load import load_model
-    from ..model.speculative import expected_acceptance
+    from ..model.speculative import expected_acceptance, expected_on_tokens
     model, _ = load_model(path, dtype=torch.float32, progress=False)
     model.eval()
     for cfg in report["configs"]:
         for temp, r in cfg["by_temperature"].items():
             if cfg["k"] is None or not r.get("sequences") or not r["spec"] or not r["spec"]["drafts"]:
                 continue
-            want = expected_acceptance(model, [tuple(s) for s in r["sequences"]], float(temp),
-                                       r["draft_sample_method"])
+            seqs = [tuple(s) for s in r["sequences"]]
+            want = expected_acceptance(model, seqs, float(temp), r["draft_sample_method"])
             r["expected_acceptance"] = want
             r["expected_sd"] = (want * (1 - want) / r["spec"]["drafts"]) ** 0.5    # of position 0's rate
+            if cfg["k"] == 1:
+                acc, drafts, var = expected_on_tokens(model, seqs, float(temp), r["draft_sample_method"])
+                r["expected_on_tokens"] = {"accepted": acc, "drafts": drafts, "acceptance": acc / drafts,
+                                           "sd": var ** 0.5 / drafts}
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = ["| K | drafting | temp | acceptance | per position | expected pos. 0 (offline) | mean acc. len | "
-             "tokens/s | speedup | greedy = baseline |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| K | drafting | temp | acceptance | per position | expected pos. 0 (offline) | expected on these tokens "
+             "(k=1) | mean acc. len | tokens/s | speedup | greedy = baseline |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cfg in report["configs"]:
         for temp, r in cfg["by_temperature"].items():
             s = r["spec"] or {}
             rate = s.get("acceptance_rate")
-            want = r.get("expected_acceptance")
-            lines.append("| {} | {} | {} | {} | {} | {} | {} | {:.1f} | {} | {} |".format(
+            want, on = r.get("expected_acceptance"), r.get("expected_on_tokens")
+            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {:.1f} | {} | {} |".format(
                 "none" if cfg["k"] is None else cfg["k"],
                 "-" if cfg["k"] is None else r.get("draft_sample_method", "greedy"), temp,  # old reports: greedy
                 "-" if rate is None else f"{rate:.1%}",
                 " / ".join(f"{p:.1%}" for p in s.get("per_position", [])) or "-",
                 "-" if want is None else f"{want:.1%} ± {2 * r['expected_sd']:.1%}",
+                "-" if on is None else f"{on['acceptance']:.1%} ± {2 * on['sd']:.1%}",
                 "-" if s.get("mean_acceptance_length") is None else f"{s['mean_acceptance_length']:.2f}",
                 r["tokens_per_s"], f"{r['speedup']:.2f}x" if "speedup" in r else "-",
                 {True: "yes", False: "NO", None: "-"}[cfg.get("greedy_matches_baseline") if temp == "0.0" else None]))

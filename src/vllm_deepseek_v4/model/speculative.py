@@ -21,6 +21,11 @@ drafting (vLLM's default ``draft_sample_method``) and ``sum_x min(p(x), q(x))`` 
 (the draft samples from ``q = softmax(draft_logits / T)`` -- vLLM applies the temperature only, never top-k /
 top-p, to the draft -- and vLLM accepts with ``min(1, p / q)``). At ``T = 0`` both reduce to
 ``argmax q == argmax p``.
+
+Given the token ``x`` a served sequence actually holds at a drafted position, the probability that it was an
+accepted draft is ``1[x == argmax q]`` (greedy drafting) or ``min(1, q(x) / p(x))`` (probabilistic): what
+:func:`expected_on_tokens` runs through vLLM's k = 1 drafting chain to predict the counters of exactly those
+sequences (greedy drafting: exactly; probabilistic: up to Bernoulli noise given the tokens).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from .kv_store import AttnCache
 from .model import DSV4Model, ModelState
 
 __all__ = ["SpecStats", "snapshot_state", "greedy_generate", "speculative_generate", "DRAFT_SAMPLE_METHODS",
-           "sampling_probs", "draft_acceptance", "expected_acceptance"]
+           "sampling_probs", "draft_acceptance", "expected_acceptance", "expected_on_tokens"]
 
 DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")      # vLLM's SpeculativeConfig.draft_sample_method values
 
@@ -187,26 +192,60 @@ def draft_acceptance(target_logits: torch.Tensor, draft_logits: torch.Tensor, te
     return torch.minimum(p, sampling_probs(draft_logits, temperature)).sum(-1)
 
 
-@torch.no_grad()
-def expected_acceptance(model: DSV4Model, sequences: list[tuple[list[int], list[int]]], temperature: float,
-                        method: str, *, top_k: int | None = None, top_p: float | None = None) -> float:
-    """Mean acceptance of a one-token draft over the generated tokens of ``(prompt, output)`` pairs, teacher-forced.
-
-    The draft at ``p`` (main streams at ``p``, token ``p + 1``) proposes token ``p + 2``, which ``main[p + 1]``
-    scores; every output token but the first (the prefill's) is a draft target. This is the exact expectation
-    of vLLM's acceptance at k = 1 on those sequences up to which positions get drafted (an accepted token is
-    not drafted for again); for k > 1 it is the expectation of per-position acceptance at position 0. Deeper
-    positions (chained drafts on sampled prefixes) are not computed here."""
+def _drafted_pairs(model: DSV4Model, sequences: list[tuple[list[int], list[int]]]):
+    """Per sequence with a prompt and >= 2 output tokens: ``(target logits, draft logits, token)`` at every
+    output token but the first (the prefill's). The draft at ``p`` (main streams at ``p``, token ``p + 1``)
+    proposes token ``p + 2``, which ``main[p + 1]`` scores."""
     from .mtp_eval import teacher_forced_logits
 
-    rates = []
     for prompt, output in sequences:
         if len(prompt) < 1 or len(output) < 2:
             continue
         seq = torch.tensor([list(prompt) + list(output)])
         main, draft = teacher_forced_logits(model, seq)
         p = torch.arange(len(prompt) - 1, seq.shape[1] - 2)
-        rates.append(draft_acceptance(main[0, p + 1], draft[0, p], temperature, method, top_k=top_k, top_p=top_p))
+        yield main[0, p + 1], draft[0, p], seq[0, p + 2]
+
+
+@torch.no_grad()
+def expected_acceptance(model: DSV4Model, sequences: list[tuple[list[int], list[int]]], temperature: float,
+                        method: str, *, top_k: int | None = None, top_p: float | None = None) -> float:
+    """Mean acceptance of a one-token draft over the generated tokens of ``(prompt, output)`` pairs, teacher-forced.
+
+    The draft at ``p`` (main streams at ``p``, token ``p + 1``) proposes token ``p + 2``, which ``main[p + 1]``
+    scores; every output token but the first (the prefill's) is a draft target, all weighted alike. It is what
+    a draft at a random position accepts (for k > 1: per-position acceptance at position 0); vLLM's counters
+    weight the positions its drafting chain visits, see :func:`expected_on_tokens`. Deeper positions (chained
+    drafts on sampled prefixes) are not computed here."""
+    rates = [draft_acceptance(main, draft, temperature, method, top_k=top_k, top_p=top_p)
+             for main, draft, _ in _drafted_pairs(model, sequences)]
     if not rates:
         raise ValueError("expected_acceptance: no sequence with a prompt and at least two output tokens")
     return float(torch.cat(rates).mean())
+
+
+@torch.no_grad()
+def expected_on_tokens(model: DSV4Model, sequences: list[tuple[list[int], list[int]]], temperature: float,
+                       method: str, *, top_k: int | None = None,
+                       top_p: float | None = None) -> tuple[float, float, float]:
+    """``(expected accepted, expected drafts, variance of accepted)`` of vLLM with ONE draft token per step on exactly these served
+    sequences: each position's probability of being an accepted draft given its token (module docstring), run
+    through the chain (a draft for output token ``i`` is followed by one for ``i + 2`` if accepted -- the bonus
+    token -- else ``i + 1``). The variance is the Bernoulli noise given the tokens (an approximation: it
+    ignores how an outcome moves the later drafts); 0 for greedy drafting, whose outcome the token decides."""
+    if method not in DRAFT_SAMPLE_METHODS:
+        raise ValueError(f"expected_on_tokens: method must be one of {DRAFT_SAMPLE_METHODS}, got {method!r}")
+    accepted = drafts = var = 0.0
+    for main, draft, x in _drafted_pairs(model, sequences):
+        if temperature == 0 or method == "greedy":
+            given = (draft.argmax(-1) == x).double()
+        else:
+            p = sampling_probs(main, temperature, top_k, top_p).double().gather(-1, x[:, None])[:, 0]
+            q = sampling_probs(draft, temperature).double().gather(-1, x[:, None])[:, 0]
+            given = torch.where(p > 0, (q / p).clamp(max=1), torch.zeros_like(p))
+        reach = [1.0] + [0.0] * (len(given) + 1)        # reach[i]: P(a draft targets drafted position i)
+        for i, c in enumerate(given.tolist()):
+            accepted, drafts, var = accepted + reach[i] * c, drafts + reach[i], var + reach[i] * c * (1 - c)
+            reach[i + 1] += reach[i] * (1 - c)
+            reach[i + 2] += reach[i] * c
+    return accepted, drafts, var
