@@ -79,6 +79,8 @@ def _print(doc: dict[str, Any]) -> None:
             print(f"    quant: {m}")
         for param, s in j.get("shared", {}).items():
             print(f"    {param}: {s['case']} ({s['source']})")
+        for mod, how in j.get("own_kernels", {}).items():
+            print(f"    {mod}: no vLLM kernel for its format; {how}")
     for kind, s in doc.get("stock", {}).items():
         if s.get("exception"):
             print(f"  stock {kind}: {s['exception']}")
