@@ -71,7 +71,7 @@ def test_broken_artifact_is_refused_by_name(case: Case, tmp_path: Path) -> None:
         assert len(lines) == 1, text
     if case.load:
         with pytest.raises(DSV4Error):
-            load_model(str(tmp_path / "artifact"), dtype=torch.float32, progress=False)
+            load_model(str(path), dtype=torch.float32, progress=False)
 
 
 @cache
