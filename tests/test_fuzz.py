@@ -6,6 +6,9 @@
    naming the file or a tensor) or planned to a load that reads exactly what the file declares: what
    ``safetensors`` itself reads for every tensor, and the base's own bytes for every tensor whose declared
    dtype and shape are unchanged. Never a traceback.
+   Random mutations of the quant layout's index (entries dropped, moved, pointed outside, added, values and
+   the whole map replaced by random JSON) are refused naming the index, a shard or a tensor, or plan the
+   base's tensors.
 2. Random mutations of the tiny model's config.json (keys removed, values changed, types swapped) are refused
    naming config.json or the tensor/parameter they contradict, or planned to the base's tensors, bit for bit,
    with a model that builds.
@@ -172,6 +175,47 @@ def test_header_mutations_are_refused_or_load_what_the_file_declares(tmp_path_fa
 @cache
 def declared_base(base: str) -> dict[str, bytes]:
     return {n: v[2] for n, v in declared(bases()[base].path).items()}
+
+
+# ---- 1b. the index of the sharded layout ----
+@st.composite
+def index_mutations(draw: st.DrawFn) -> tuple[str, Any]:
+    index = json.loads((bases()["quant"].path / "model.safetensors.index.json").read_text())
+    wmap = index["weight_map"]
+    files, name = sorted(set(wmap.values())), draw(st.sampled_from(sorted(wmap)))
+    how = draw(st.sampled_from(["drop", "move", "nowhere", "add", "value", "map", "whole"]))
+    if how == "drop":
+        del wmap[name]
+    elif how == "move":
+        wmap[name] = draw(st.sampled_from(files + ["./" + f for f in files]))
+    elif how == "nowhere":
+        wmap[name] = draw(st.sampled_from(["model-00009-of-00009.safetensors", "../" + files[0], "/" + files[0], ""]))
+    elif how == "add":
+        wmap[draw(st.sampled_from([name + "_x", name.replace("layers.1.", "layers.9."), "mtp.1." + name]))] = files[0]
+    elif how == "value":
+        wmap[name] = draw(_JSON)
+    elif how == "map":
+        index["weight_map"] = draw(_JSON)
+    else:
+        index = draw(_JSON)
+    return how, index
+
+
+@fuzz(40)
+@given(index_mutations())
+def test_index_mutations_are_refused_or_plan_the_same_tensors(tmp_path_factory, mutation) -> None:
+    """A ``./``-prefixed file or an unchanged move is the same artifact; anything else is refused in one line
+    naming the index, a shard or a tensor."""
+    what, index = mutation
+    d = copy_base(bases()["quant"].path, tmp_path_factory.mktemp("i") / "a")
+    (d / "model.safetensors.index.json").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    rc, text = verify(d)
+    assert rc in (0, 1) and "Traceback" not in text, text
+    if rc == 1:
+        assert re.search(r"(index\.json|\.safetensors)\b", text.strip().splitlines()[0]), f"{what}: {text}"
+        return
+    assert loaded(d) == loaded(bases()["quant"].path), f"{what}: accepted, but planned other tensors"
 
 
 # ---- 2. config.json ----

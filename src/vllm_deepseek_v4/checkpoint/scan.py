@@ -70,8 +70,9 @@ def _read_index(path: str) -> tuple[dict[str, str], set[str]]:
 
 
 def _inside(rel: object) -> bool:
-    """True for a relative file name that stays inside the artifact folder."""
-    return isinstance(rel, str) and not os.path.isabs(rel) and not os.path.normpath(rel).startswith("..")
+    """True for a relative file name that stays inside the artifact folder (and is not the folder itself)."""
+    return (isinstance(rel, str) and not os.path.isabs(rel) and os.path.normpath(rel) != "."
+            and not os.path.normpath(rel).startswith(".."))
 
 
 # What a path that is not a regular file is, for the message (``stat.S_IFMT`` -> words).

@@ -208,6 +208,7 @@ def _index_cases(quant: Base) -> list[Case]:
           "bad weight_map entry"),
         c("file-absolute", edit_index(lambda i: i["weight_map"].__setitem__(T, "/" + q1)), INDEX, T,
           "bad weight_map entry"),
+        c("file-empty", edit_index(lambda i: i["weight_map"].__setitem__(T, "")), INDEX, T, "bad weight_map entry"),
         c("tensor-unlisted", edit_index(lambda i: i["weight_map"].pop(T) and None), q1, T, "tensor not in index"),
         c("tensor-not-in-shard", edit_index(lambda i: i["weight_map"].__setitem__("layers.1.attn.ghost.weight", q1)),
           q1, "layers.1.attn.ghost.weight", "missing from shard header"),
