@@ -30,6 +30,8 @@ def _is_dsv4(hf_config: Any) -> bool:
 
 
 def register_quant_config() -> None:
+    if "DSV4PluginQuantConfig" in globals():          # already registered in this process (see __getattr__)
+        return
     from vllm.model_executor.layers.quantization import register_quantization_config
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
@@ -75,9 +77,6 @@ def register_quant_config() -> None:
 def __getattr__(name: str) -> Any:
     """A spawned TP worker unpickles ``quant.DSV4PluginQuantConfig`` before vLLM loads plugins: register first."""
     if name == "DSV4PluginQuantConfig":
-        from . import register
-
-        register()
-        if name in globals():
-            return globals()[name]
+        register_quant_config()
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
