@@ -47,7 +47,8 @@ class Attention(nn.Module):
         self.cfg, self.ratio, self.par = cfg, cfg.ratio(layer_id), parallel
         d = cfg.head_dim
         # this rank's whole heads and whole output groups (TP); each group reads H*d/G of the head outputs
-        H, G = self.n_heads, self.n_groups = len(parallel.heads(cfg)), len(parallel.groups(cfg))
+        self.n_heads, self.n_groups = len(parallel.heads(cfg)), len(parallel.groups(cfg))
+        H, G = self.n_heads, self.n_groups
         s = scheme_of(schemes, "attn")
         self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32), requires_grad=False)
         self.wq_a = QLinear(cfg.dim, cfg.q_lora_rank, s, dtype=dtype)

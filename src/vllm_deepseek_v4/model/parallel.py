@@ -93,8 +93,8 @@ class Parallel:
 
     def check(self, cfg: DSV4Config) -> None:
         """Every split this rank makes, up front: a clear ConfigError at startup instead of a shape error later."""
-        self.heads(cfg), self.groups(cfg), self.index_heads(cfg), self.vocab(cfg), self.experts(cfg)
-        self.expert_inter(cfg)
+        for split in (self.heads, self.groups, self.index_heads, self.vocab, self.experts, self.expert_inter):
+            split(cfg)
         if cfg.n_shared_experts:
             self.shared_inter(cfg)
 
