@@ -96,6 +96,11 @@ def row(layout: str, doc: dict[str, Any], seconds: float) -> dict[str, Any]:
                                            "skipped": (s.get("skipped") or [])[:10]}
     out["first_problem"] = _short(out["problems"][0], 160) if out["problems"] else ""
     out["native_mtp_quant"] = _methods((doc.get("mtp") or {}).get("quant_methods"))
+    own = {k: (doc.get(k) or {}).get("own_kernels") or {} for k in ("target", "mtp")}
+    out["native_own_kernels"] = "; ".join(
+        f"{k}: " + ", ".join(f"{mod} x{n}" for mod, n in
+                             sorted(Counter(".".join(m.split(".")[-2:]) for m in v).items()))
+        for k, v in own.items() if v)
     out["stock_mtp_quant"] = _methods(doc.get("stock", {}).get("mtp", {}).get("quant_methods"))
     return out
 
@@ -139,6 +144,7 @@ def run_flash(base: Path) -> dict[str, Any]:
 
 
 COLUMNS = ["layout", "native_ok", "native_target", "native_mtp", "native_mtp_unused", "native_mtp_quant",
+           "native_own_kernels",
            "stock_target", "stock_target_error", "stock_mtp", "stock_mtp_unloaded", "stock_mtp_error",
            "stock_mtp_quant", "seconds", "first_problem"]
 
@@ -185,8 +191,11 @@ in the JSON); `native_mtp_unused` = tensors on disk the draft does not load, eac
 reason in the JSON (duplicated head/embed copies, explained tensors). `seconds`: native + stock checks
 (the first row also pays vLLM's import; the Flash row is a child process, headers only, both checks). `stock_*` = vLLM 0.32's own
 `load_weights` with the quant config vLLM derives from the artifact (the target's object for the draft):
-parameters loaded / total, parameters left unloaded (the draft's `embed_tokens` and `shared_head.head` are
-replaced by the target's at PP = 1 by vLLM's proposer, so 2 unloaded there is masked at PP = 1), the exception.
+parameters loaded / total, parameters left unloaded (the draft's `embed_tokens` and `shared_head.head`: vLLM's
+proposer replaces `shared_head.head` with the target's `lm_head` at any PP and `embed_tokens` only at PP = 1, so
+at PP > 1 stock serves a draft embedding nobody loaded), the exception. `native_own_kernels`: modules whose
+format vLLM's DSv4 forward has no kernel for, run by ours (`native/draft_kernels.py`: an NVFP4 `attn.wo_a`,
+which vLLM's `o_proj` would `bmm` as packed bytes; our Triton decode at load, vLLM's `bmm` after).
 `hf_transformers` is refused by design (transformers' `save_pretrained` dropped `mtp.*`; the plan says so).
 """
 
