@@ -18,7 +18,7 @@ from typing import Any
 
 __all__ = ["Option", "OPTIONS", "refusals", "check_options", "HONOURED_LOAD_FORMATS"]
 
-HONOURED_LOAD_FORMATS = ("auto", "safetensors", "hf", "dummy")
+HONOURED_LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
 @dataclass(frozen=True)
