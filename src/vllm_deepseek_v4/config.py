@@ -211,7 +211,8 @@ def load_config(path: str) -> DSV4Config:
     """Read ``config.json`` from an artifact directory (or a path to the json itself)."""
     p = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.lexists(p):
-        raise ConfigError(file=p, hint="no config.json: every artifact needs one to plan a load")
+        raise ConfigError("no config.json", file=p, expected="the artifact's config (every artifact needs one to plan "
+                          "a load)", found="no such file")
     if not os.path.isfile(p):                 # a directory, a FIFO (never opened: it would block), a broken link
         raise ConfigError(file=p, expected="a regular file", found=_what_is(p))
     try:
