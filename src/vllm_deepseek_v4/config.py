@@ -36,13 +36,11 @@ _OFFICIAL_ROPE = {"original_seq_len": "original_max_position_embeddings", "rope_
 _POSITIVE = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "rope_head_dim", "q_lora_rank", "o_groups",
              "o_lora_rank", "n_routed_experts", "n_activated_experts", "moe_inter_dim", "window_size",
              "index_n_heads", "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters")
-# DSV4Config field -> its config.json name, for messages (the reverse of the HF names used in ``from_dict``).
-_HF_NAME = {**{v: k for k, v in {"hidden_size": "dim", "num_hidden_layers": "n_layers",
-                                   "num_attention_heads": "n_heads", "qk_rope_head_dim": "rope_head_dim",
-                                   "num_experts_per_tok": "n_activated_experts",
-                                   "moe_intermediate_size": "moe_inter_dim", "num_hash_layers": "n_hash_layers",
-                                   "num_nextn_predict_layers": "n_mtp_layers", "sliding_window": "window_size",
-                                   }.items()},
+# DSV4Config field -> its config.json name, for messages.
+_HF_NAME = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "rope_head_dim": "qk_rope_head_dim", "n_activated_experts": "num_experts_per_tok",
+            "moe_inter_dim": "moe_intermediate_size", "n_hash_layers": "num_hash_layers",
+            "n_mtp_layers": "num_nextn_predict_layers", "window_size": "sliding_window",
             "original_seq_len": "rope_scaling.original_max_position_embeddings"}
 
 
