@@ -23,6 +23,7 @@ from vllm_deepseek_v4.cli import bench_acceptance as ba
 from vllm_deepseek_v4.devtools.records import meta, write
 
 COLUMNS = ["layout", "k", "drafting", "temperature", "acceptance", "per_position", "expected_position_0",
+           "expected_on_tokens",
            "mean_acceptance_length", "offline_acceptance", "tokens_per_s", "speedup", "greedy_matches_baseline",
            "healthy"]
 
@@ -53,13 +54,14 @@ def rows_for(name: str, report: dict, offline: dict) -> list[dict]:
     for cfg in report["configs"]:
         for temp, r in cfg["by_temperature"].items():
             s = r["spec"] or {}
-            want = r.get("expected_acceptance")
+            want, on = r.get("expected_acceptance"), r.get("expected_on_tokens")
             rows.append({"layout": name, "k": "none" if cfg["k"] is None else cfg["k"],
                          "drafting": None if cfg["k"] is None else r.get("draft_sample_method", "greedy"),
                          "temperature": float(temp), "acceptance": s.get("acceptance_rate"),
                          "per_position": " / ".join(f"{p:.3f}" for p in s.get("per_position", [])),
                          "per_position_list": s.get("per_position", []),
                          "expected_position_0": None if want is None else f"{want:.3f} ± {2 * r['expected_sd']:.3f}",
+                         "expected_on_tokens": None if on is None else f"{on['acceptance']:.3f} ± {2 * on['sd']:.3f}",
                          "mean_acceptance_length": s.get("mean_acceptance_length"),
                          "offline_acceptance": offline.get((name, cfg["k"])) if float(temp) == 0.0 else None,
                          "tokens_per_s": r["tokens_per_s"], "speedup": r.get("speedup"),
@@ -213,7 +215,9 @@ def finish(args: argparse.Namespace, reports: dict, refused: dict, rows: list, m
                  "drafting = vLLM's draft_sample_method (T = 0 always drafts greedily). expected_position_0 = the "
                  "portable model's exact expectation (± 2 binomial sd) of position 0's acceptance on the served "
                  "token ids (model/speculative.py expected_acceptance): greedy drafting accepts with "
-                 "p_target(argmax q), probabilistic with sum min(p_target, q_draft).\n")
+                 "p_target(argmax q), probabilistic with sum min(p_target, q_draft). expected_on_tokens (k = 1): "
+                 "what vLLM's counters should read on exactly the served tokens (expected_on_tokens; exact for "
+                 "greedy drafting, ± 2 sd of the Bernoulli noise given the tokens for probabilistic).\n")
         for name, probs in refused.items():
             fh.write(f"\n`{name}` not served: our load plan refuses it ({'; '.join(probs)}).\n")
         for c in charts:
