@@ -146,7 +146,7 @@ class ValueCheck(NamedTuple):
 
     # -- the one-reduction test, the exact mask --
     def fine(self, t: "torch.Tensor") -> bool:
-        """True when every value of ``t`` is allowed (any part of the tensor, e.g. a chunk as it is read)."""
+        """True when every value of ``t`` (the tensor, or any part of it) is allowed: one or two reductions."""
         import torch
         if t.numel() == 0:
             return True
