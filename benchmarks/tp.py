@@ -100,8 +100,8 @@ def summarize(results: dict[str, Any]) -> list[str]:
              "Per-rank bytes: distinct parameters + buffers of target and draft in each worker (`rank_report`). "
              "Bound: whole + split / TP from the reference model's parameters classified by SHARD_RULES. "
              f"Greedy, MTP k = {K}, {N} tokens x {len(results['prompts'])} prompts, fp32.", "",
-             "| artifact | setting | started | tokens == TP 1 | == reference | per-rank bytes | bound | rank / TP 1 "
-             "| accepted / drafted | startup s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| artifact | setting | started | tokens == TP 1 | == reference | per-rank bytes | bound: whole + split / TP "
+             "| rank / TP 1 | accepted / drafted | startup s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, art in results["artifacts"].items():
         base = art["settings"].get("1", {})
         base_bytes = base["ranks"][0]["bytes"] if "ranks" in base else None
@@ -113,11 +113,13 @@ def summarize(results: dict[str, Any]) -> list[str]:
             same1 = "yes" if "tokens" in base and r["tokens"] == base["tokens"] else ("n/a" if "tokens" not in base
                                                                                        else "**NO**")
             sameref = "yes" if r["tokens"] == art["reference"] else "**NO**"
-            b = r["bound"]["bound"]
+            bd = r["bound"]
+            b = bd["bound"]
             ok = "" if max(per) <= b else " **over**"
             ratio = f"{max(per) / base_bytes:.3f}" if base_bytes else ""
             c = r["counters"]
-            lines.append(f"| {name} | {setting} | yes | {same1} | {sameref} | {', '.join(map(str, per))}{ok} | {b} "
+            lines.append(f"| {name} | {setting} | yes | {same1} | {sameref} | {', '.join(map(str, per))}{ok} "
+                         f"| {b} = {bd['whole']} + {bd['split']} / {len(per)} "
                          f"| {ratio} | {c['num_accepted_tokens']} / {c['num_draft_tokens']} | {r['startup_s']} |")
     lines += ["", *results.get("notes", [])]
     return lines
@@ -134,6 +136,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tp"))
     ap.add_argument("--note", action="append", default=[], help="a line for the markdown (e.g. why TP 4 is absent)")
     ap.add_argument("--append", action="store_true", help="add to the existing results instead of starting anew")
+    ap.add_argument("--md-only", action="store_true", help="rewrite the markdown from the existing JSON")
     args = ap.parse_args()
     import vllm_support as vs
 
@@ -141,6 +144,9 @@ def main() -> None:
                                f"{platform.machine()}, python {platform.python_version()}",
                                "prompts": vs.PROMPTS, "n": N, "k": K, "artifacts": {}, "notes": args.note}
     out = Path(args.out)
+    if args.md_only:
+        out.with_suffix(".md").write_text("\n".join(summarize(json.loads(out.with_suffix(".json").read_text()))) + "\n")
+        return
     if args.append and out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())
         results["artifacts"], results["notes"] = old["artifacts"], old["notes"] + args.note
