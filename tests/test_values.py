@@ -268,3 +268,13 @@ def test_native_loader_refuses_a_bad_value(tmp_path):
     errors = res.reports["target"].errors
     assert len(errors) == 1 and errors[0].endswith(f"TensorValueError: {line}"), errors
 
+
+
+def test_verify_values_reads_nothing_when_the_headers_fail(tmp_path, capsys, monkeypatch):
+    path = make_checkpoint(tmp_path / "missing", edit=lambda t: t.pop("layers.0.attn_norm.weight"))
+    from vllm_deepseek_v4.loader import stream
+    monkeypatch.setattr(stream.PositionalReader, "_read", lambda *a: pytest.fail("read a tensor"))
+    assert dsv4(["verify", "--values", str(path)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "layers.0.attn_norm.weight: missing" in out[0]
+    assert out[-1] == f"{path}: values not read: the header problems above come first"
