@@ -179,8 +179,8 @@ def check_load(server: Server, model: str, goods: list[dict[str, Any]], want: li
     assert res["dropped"] == [2] * 4
     assert server_text(server, "/health") == ""
     after = idle(server)
-    assert after.get("vllm:num_requests_running", 0) == 0 and after.get("vllm:num_requests_waiting", 0) == 0
-    assert after.get("vllm:kv_cache_usage_perc", 0.0) == 0.0, "KV blocks still allocated after every request ended"
+    assert after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0
+    assert after["vllm:kv_cache_usage_perc"] == 0.0, "KV blocks still allocated after every request ended"
     for i in range(0, N_GOOD, 9):                                      # and it still answers the same
         assert complete(server, model, goods[i]) == want[i], i
     return after
@@ -204,3 +204,25 @@ def test_serve_with_mtp_under_concurrent_good_bad_and_dropped_requests(tmp_path)
         model = srv.served_model()
         m = check_load(srv, model, goods, want)
         assert m["vllm:num_preemptions_total"] > 0, "the small KV pool never preempted a request"
+
+
+def test_out_of_vocabulary_ids_without_a_tokenizer_fail_the_request_not_the_engine():
+    """vLLM checks prompt ids against the vocabulary only when a tokenizer is loaded; without one an id >= vocab
+    reached our embedding and its IndexError killed the engine (``vllm_plugin/token_ids.py``)."""
+    import torch
+    from vllm.exceptions import VLLMValidationError
+
+    import vllm_support as vs
+
+    set_threads, before = torch.set_num_threads, torch.get_num_threads()
+    set_threads(1)
+    try:
+        with vs.engine(tiny_model_path(), 1, skip_tokenizer_init=True) as llm:
+            want = vs.generate(llm, [[5, 6, 7]], 4)
+            for bad in ([5, VOCAB + 904, 6], [5, -1, 6]):
+                with pytest.raises(VLLMValidationError, match=f"Token id {bad[1]} is out of vocabulary"):
+                    vs.generate(llm, [bad], 4)
+            assert vs.generate(llm, [[5, 6, 7]], 4) == want            # the engine still serves
+    finally:
+        torch.set_num_threads = set_threads                            # the CPU worker stubs it out
+        set_threads(before)

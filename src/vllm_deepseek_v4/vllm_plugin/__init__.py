@@ -48,4 +48,7 @@ def register() -> None:
     from .cpu_fixes import patch_cpu_expand
 
     patch_cpu_expand()
+    from .token_ids import patch_vocab_check
+
+    patch_vocab_check()               # out-of-vocabulary prompt ids refused without a tokenizer too
     _registered = True
