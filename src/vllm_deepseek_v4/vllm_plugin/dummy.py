@@ -89,7 +89,7 @@ def dummy_fill(root: nn.Module) -> None:
     """Fill every parameter / persistent buffer below ``root`` as described in the module docstring."""
     from vllm.model_executor.model_loader.weight_utils import initialize_single_dummy_weight
 
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)        # CPU: the same bits on every device (copied into place)
     for module in root.modules():
         tensors = {**module._parameters, **{n: b for n, b in module._buffers.items()
                                             if n not in module._non_persistent_buffers_set}}
@@ -103,16 +103,18 @@ def dummy_fill(root: nn.Module) -> None:
                     t.dummy_weight_value = value           # the dummy loader refills this constant
                     initialize_single_dummy_weight(t)
                 else:                                      # e8m0 biased exponents stored as uint8
-                    t.copy_(exponent_to_e8m0(torch.full(t.shape, int(math.log2(value))), dtype=t.dtype))
+                    t.copy_(exponent_to_e8m0(torch.full(t.shape, int(math.log2(value)), device="cpu"), dtype=t.dtype))
             elif kind == SHAPE:
                 t.copy_(torch.tensor([module.out_features, module.in_features]))  # type: ignore[union-attr]
             elif isinstance(module, Gate) and role == "tid2eid":
                 E = module.out_features
-                t.copy_((torch.randint(0, E, (t.shape[0], 1), generator=gen) + torch.arange(t.shape[1])) % E)
+                first = torch.randint(0, E, (t.shape[0], 1), generator=gen, device="cpu")
+                t.copy_((first + torch.arange(t.shape[1], device="cpu")) % E)
             elif t.is_floating_point():
                 initialize_single_dummy_weight(t)
             elif kind in (CODES, ZEROS):
-                bits = torch.randint(0, 256, (t.numel() * t.element_size(),), dtype=torch.uint8, generator=gen)
+                bits = torch.randint(0, 256, (t.numel() * t.element_size(),), dtype=torch.uint8, generator=gen,
+                                     device="cpu")
                 t.view(-1).view(torch.uint8).copy_(bits)
             else:
                 raise TypeError(f"DSv4 plugin: no dummy fill for {type(module).__name__}.{role} ({t.dtype})")
