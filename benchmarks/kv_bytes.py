@@ -99,7 +99,7 @@ def grouped(specs: dict[str, Any]) -> dict[str, Any]:
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
     vc = VllmConfig()
-    vc.cache_config.kv_cache_layout = "LBHNC"        # what the CPU engine resolves (one page size: any layout)
+    vc.cache_config.kv_cache_layout = "LBNHC"        # what the CPU engine resolves (one page size: any layout)
     groups = get_kv_cache_groups(vc, dict(specs))
     pages = {g.kv_cache_spec.page_size_bytes for g in groups}
     assert len(pages) == 1, f"mixed page sizes {sorted(pages)}"
