@@ -144,8 +144,11 @@ def main() -> None:
                                f"{platform.machine()}, python {platform.python_version()}",
                                "prompts": vs.PROMPTS, "n": N, "k": K, "artifacts": {}, "notes": args.note}
     out = Path(args.out)
-    if args.md_only:
-        out.with_suffix(".md").write_text("\n".join(summarize(json.loads(out.with_suffix(".json").read_text()))) + "\n")
+    if args.md_only:                   # notes given here are added to the JSON too
+        old = json.loads(out.with_suffix(".json").read_text())
+        old["notes"] = old["notes"] + args.note
+        out.with_suffix(".json").write_text(json.dumps(old, indent=1))
+        out.with_suffix(".md").write_text("\n".join(summarize(old)) + "\n")
         return
     if args.append and out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())

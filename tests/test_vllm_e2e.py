@@ -12,6 +12,8 @@
 - Sharing: the draft computes with the target's embed/head after vLLM's proposer shares them, and its
   per-parameter check refuses a head that is not the checkpoint's.
 - No ``mtp.*`` on disk: startup fails with our message; the same artifact still serves without speculation.
+- Tensor parallel 2 (+ EP): every rank holds only its shard (bytes measured in the workers) and the output and
+  acceptance equal the reference.
 """
 from __future__ import annotations
 
