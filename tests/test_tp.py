@@ -204,7 +204,7 @@ def tp_zoo(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, tp, ep", [
-    ("upstream_fp8_mxfp4", 2, False), ("upstream_fp8_mxfp4", 4, True), ("nvfp4_trunk_nvfp4_mtp", 2, True),
+    ("upstream_fp8_mxfp4", 4, True), ("nvfp4_trunk_nvfp4_mtp", 2, True),
     ("modelopt_mixed", 4, False), ("w4a16_trunk", 2, False), ("vllm_internal", 2, True),
     ("head_embed_duplicated", 2, False)])
 def test_zoo_layout_sharded_equals_unsharded(tp_zoo, layout, tp, ep):
