@@ -57,7 +57,10 @@ MEASURES = ("safe_open map only", "safe_open drop", "iter_plan_tensors", "safe_o
 # (ours, baseline): throughput_ratio = ours GB/s / baseline GB/s (= baseline s / ours s where bytes agree)
 PAIRS = (("load_model", "safe_open keep"), ("iter_plan_tensors", "safe_open drop"),
          ("load_model", "load_model unchecked"), ("verify --values", "plain read"))
-TARGETS = {("load_model", "load_model unchecked"): ("check_overhead", 0.10),
+# the verdicts. The checks' cost is judged on check_cpu_share (measured inside the load: see NOTES); the wall
+# check_overhead of two processes is shown beside it, but on a busy 2-core box it swung from -5 % to +47 %
+# between runs of the same code, more than the cost it is meant to show
+TARGETS = {("load_model", "load_model unchecked"): ("check_cpu_share", 0.10),
            ("verify --values", "plain read"): ("throughput_ratio", 0.8)}
 
 
@@ -301,11 +304,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                "ratio_of_min": b["min_s"] / o["min_s"] * per_byte, "cpu_ratio": b["cpu_s"] / o["cpu_s"] * per_byte}
         if (ours, base) in TARGETS:
             metric, target = TARGETS[(ours, base)]
-            if metric == "check_overhead":
+            at_most = metric == "check_cpu_share"
+            if at_most:
                 row["check_overhead"] = o["seconds"] / b["seconds"] - 1
-            row["target"] = f"{metric} {'<=' if metric == 'check_overhead' else '>='} {target:g}"
+            row["target"] = f"{metric} {'<=' if at_most else '>='} {target:g}"
             value = row[metric]
-            row["met"] = "yes" if (value <= target if metric == "check_overhead" else value >= target) else "no"
+            row["met"] = "yes" if (value <= target if at_most else value >= target) else "no"
         out.append(row)
     info["loadavg_1min_after"] = os.getloadavg()[0]
     return out, info
@@ -338,7 +342,7 @@ def main() -> None:
         print(" ".join(f"{r.get(c, ''):>17.4g}" if isinstance(r.get(c), float) else f"{r.get(c, ''):>17}" for c in cols))
     for r in rows:
         if "target" in r:
-            value = r.get("check_overhead", r["throughput_ratio"])
+            value = r.get("check_cpu_share", r["throughput_ratio"])
             print(f"{r['measure']} vs {r['vs']}: {value:.3f} (target {r['target']}): {'MET' if r['met'] == 'yes' else 'NOT MET'}")
     if args.out:
         m = meta()
@@ -365,7 +369,8 @@ touched. Built by `python benchmarks/load_speed.py --out benchmarks/results/load
 
 Value checks (`loader.values`): `load_model` vs `load_model unchecked` is the same load with and without the
 per-tensor checks (NaN/Inf, FP8/E8M0 NaN codes, scales > 0, expert ids); `check_overhead` = median seconds
-with / without - 1 (target <= 0.10; `cpu_ratio` < 1 by the same margin is the CPU-time view). `verify --values`
+with / without - 1, `ratio_of_min` and `cpu_ratio` the same from the fastest rounds and from CPU time; the
+target (<= 0.10) is judged on `check_cpu_share` below, the one of these that other load does not swamp. `verify --values`
 (plan + `scan_values`: every planned tensor read once into one reused buffer and checked) vs `plain read`
 (every shard read with `readinto` into one reused buffer): `throughput_ratio` = GB/s ratio (target >= 0.8).
 `check_cpu_share` (median over rounds): CPU seconds spent inside the checks (choosing each tensor's check and
