@@ -75,13 +75,17 @@ def test_sampling_probs_are_vllms_temperature_top_k_top_p(top_k, top_p):
 
 
 @pytest.mark.slow
-def test_shipped_model_acceptance_at_temperature_matches_the_offline_expectation():
+@pytest.mark.parametrize("method", ["greedy", "probabilistic"])
+def test_shipped_model_acceptance_at_temperature_matches_the_offline_expectation(method):
+    """vLLM's counters against the portable model on the served tokens (``expected_on_tokens``): greedy
+    drafting is decided by the token (exact), probabilistic within its Bernoulli noise -- so the draft vLLM
+    proposes from, and for probabilistic the distribution it samples from and divides by, are ours."""
     from tokenizers import Tokenizer
     from vllm import SamplingParams
 
     from vllm_deepseek_v4.assets import tiny_model_path
     from vllm_deepseek_v4.cli.bench_acceptance import load_prompts
-    from vllm_deepseek_v4.model.speculative import expected_acceptance
+    from vllm_deepseek_v4.model.speculative import expected_acceptance, expected_on_tokens
 
     path = tiny_model_path()
     tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
@@ -89,7 +93,8 @@ def test_shipped_model_acceptance_at_temperature_matches_the_offline_expectation
     set_threads, before_threads = torch.set_num_threads, torch.get_num_threads()
     set_threads(1)
     try:
-        with vs.engine(path, 1, skip_tokenizer_init=True, max_model_len=512) as llm:
+        spec = {"method": "mtp", "num_speculative_tokens": 1, "draft_sample_method": method}
+        with vs.engine(path, 1, skip_tokenizer_init=True, max_model_len=512, speculative_config=spec) as llm:
             before = vs.spec_counters(llm)
             outputs = []
             for j, prompt in enumerate(prompts):          # one at a time, each with its own seed, as the bench
@@ -102,7 +107,15 @@ def test_shipped_model_acceptance_at_temperature_matches_the_offline_expectation
         torch.set_num_threads = set_threads               # the CPU worker stubs it out for the process
         set_threads(before_threads)
     rate = counters["num_accepted_tokens"] / counters["num_draft_tokens"]
-    want = expected_acceptance(vs.reference_model(path), list(zip(prompts, outputs)), TEMPERATURE, "greedy")
+    model, served = vs.reference_model(path), list(zip(prompts, outputs))
+    want = expected_acceptance(model, served, TEMPERATURE, method)
+    accepted, drafts, var = expected_on_tokens(model, served, TEMPERATURE, method)
+    print(f"\n{method}: served {counters['num_accepted_tokens']} of {counters['num_draft_tokens']} ({rate:.3f}); "
+          f"expected on these tokens {accepted:.1f} of {drafts:.1f}, per position {want:.3f}")
     # ~250 one-token drafts: binomial sd ~0.03. The broken expand gave ~0.01 against ~0.3 expected.
     assert counters["num_draft_tokens"] >= 150
     assert abs(rate - want) < 0.1, f"acceptance {rate:.3f} at T={TEMPERATURE}, expected {want:.3f} offline"
+    if method == "greedy":     # the last step's counters may land after the final diff: allow one draft
+        assert abs(counters["num_accepted_tokens"] - accepted) <= 1 and abs(counters["num_draft_tokens"] - drafts) <= 1
+    else:
+        assert abs(rate - accepted / drafts) < 4 * var ** 0.5 / drafts, (counters, accepted, drafts, var)
