@@ -151,6 +151,8 @@ class ValueCheck(NamedTuple):
         if t.numel() == 0:
             return True
         if self.kind in (E4M3, E8M0):
+            if t.is_contiguous():               # libc memchr: ~1 us a call (a thousand small e8m0 scales)
+                return not (_has_byte(t, 0xFF) or (self.kind == E4M3 and _has_byte(t, 0x7F)))
             u = t.view(torch.uint8)
             if int(u.max()) == 0xFF:
                 return False
@@ -199,6 +201,21 @@ class ValueCheck(NamedTuple):
             flat, i = divmod(flat, n)
             idx.append(i)
         return view.storage_offset() + sum(i * s for i, s in zip(reversed(idx), view.stride()))
+
+
+_MEMCHR = None
+
+
+def _has_byte(t: "torch.Tensor", byte: int) -> bool:
+    """Whether the bytes of contiguous ``t`` hold ``byte``: the C library's ``memchr`` over its storage, which
+    costs a fraction of a torch reduction's dispatch on the many small scale tensors of a checkpoint."""
+    global _MEMCHR
+    if _MEMCHR is None:
+        import ctypes
+        fn = ctypes.CDLL(None).memchr                  # this process's C library
+        fn.restype, fn.argtypes = ctypes.c_void_p, (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
+        _MEMCHR = fn
+    return _MEMCHR(t.data_ptr(), byte, t.numel() * t.element_size()) is not None
 
 
 def _show(value: "torch.Tensor", kind: str) -> str:
