@@ -278,3 +278,18 @@ def test_verify_values_reads_nothing_when_the_headers_fail(tmp_path, capsys, mon
     out = capsys.readouterr().out.strip().splitlines()
     assert "layers.0.attn_norm.weight: missing" in out[0]
     assert out[-1] == f"{path}: values not read: the header problems above come first"
+
+
+@pytest.mark.parametrize("kind", ["e4m3", "e8m0"])
+def test_byte_code_checks_agree_on_contiguous_and_strided_tensors(kind):
+    """Contiguous tensors are searched with memchr, strided ones with torch reductions: same verdicts."""
+    from vllm_deepseek_v4.loader.values import ValueCheck
+    vc = ValueCheck(kind, "x", "f", "x", (6, 5), (), "", 0)
+    dtype = torch.float8_e4m3fn if kind == "e4m3" else torch.float8_e8m0fnu
+    for bad in (None, 0x7F, 0xFF):
+        u = torch.full((6, 5), 0x10, dtype=torch.uint8)
+        if bad is not None:
+            u[4, 3] = bad
+        t = u.view(dtype)
+        want = bad is None or (kind == "e8m0" and bad == 0x7F)
+        assert vc.fine(t) is want and vc.fine(t.t()) is want, (kind, bad)
