@@ -12,8 +12,9 @@ Negative control: a sampler whose temperature is off by 10 % (no speculation at 
 family of tests: the marginal of token 1 against the exact law and against the no-speculation sample must
 each reject at the per-test alpha (measured at N = 2000: p = 7e-13 and 1e-5; the joints of tokens (1, 2) gave
 1e-6 and 4e-5, but at N = 1500 only 1e-4 and 4e-3, as their many small cells are pooled). Every p-value is
-printed (``pytest -s``). Runtime: three engine start-ups and 8,000 requests of 3 tokens -- 7 minutes on the
-shared 2-core box under a load of ~15, hence ``slow``; a 1,000-request pass took 12 s on it when idle.
+printed (``pytest -s``). Runtime: three engine start-ups and 8,000 requests of 3 tokens -- 7 min on the shared
+2-core box under a load of ~15, 4 min 20 s under ~8, hence ``slow``; a 1,000-request pass took 12 s on it when
+idle. Two runs gave identical p-values (the draft's sampling is seeded by the engine).
 
 Bonferroni over all ``TESTS`` comparisons of correct samplers at family-wise ``ALPHA``: under the null
 hypothesis a seed choice makes this test fail with probability <= ``ALPHA`` (= 1 %); the seeds are fixed, so a
