@@ -121,7 +121,7 @@ def summarize(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {name} | {setting} | yes | {same1} | {sameref} | {', '.join(map(str, per))}{ok} "
                          f"| {b} = {bd['whole']} + {bd['split']} / {len(per)} "
                          f"| {ratio} | {c['num_accepted_tokens']} / {c['num_draft_tokens']} | {r['startup_s']} |")
-    lines += ["", *results.get("notes", [])]
+    lines += ["", *(f"- {n}" for n in results.get("notes", []))]
     return lines
 
 
