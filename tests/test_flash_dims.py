@@ -45,12 +45,8 @@ if not set(FORMATS) <= {"bf16", "fp8+mxfp4"}:
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    """One torch thread for the in-process engine (its CPU worker replaces ``torch.set_num_threads``)."""
-    set_threads, before = torch.set_num_threads, torch.get_num_threads()
-    set_threads(1)
-    yield
-    torch.set_num_threads = set_threads
-    set_threads(before)
+    with vs.one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session", params=FORMATS)

@@ -209,20 +209,14 @@ def test_serve_with_mtp_under_concurrent_good_bad_and_dropped_requests(tmp_path)
 def test_out_of_vocabulary_ids_without_a_tokenizer_fail_the_request_not_the_engine():
     """vLLM checks prompt ids against the vocabulary only when a tokenizer is loaded; without one an id >= vocab
     reached our embedding and its IndexError killed the engine (``vllm_plugin/token_ids.py``)."""
-    import torch
     from vllm.exceptions import VLLMValidationError
 
     import vllm_support as vs
 
-    set_threads, before = torch.set_num_threads, torch.get_num_threads()
-    set_threads(1)
-    try:
+    with vs.one_torch_thread():
         with vs.engine(tiny_model_path(), 1, skip_tokenizer_init=True) as llm:
             want = vs.generate(llm, [[5, 6, 7]], 4)
             for bad in ([5, VOCAB + 904, 6], [5, -1, 6]):
                 with pytest.raises(VLLMValidationError, match=f"Token id {bad[1]} is out of vocabulary"):
                     vs.generate(llm, [bad], 4)
             assert vs.generate(llm, [[5, 6, 7]], 4) == want            # the engine still serves
-    finally:
-        torch.set_num_threads = set_threads                            # the CPU worker stubs it out
-        set_threads(before)

@@ -129,11 +129,8 @@ def test_dummy_construction_materialises_and_fills_every_tensor_like_vllm(zoo_pa
 
 @pytest.fixture(scope="module")
 def single_thread():
-    set_threads, before = torch.set_num_threads, torch.get_num_threads()
-    set_threads(1)
-    yield
-    torch.set_num_threads = set_threads            # the CPU worker stubs it out for the process
-    set_threads(before)
+    with vs.one_torch_thread():
+        yield
 
 
 def _weights(worker: Any) -> dict[str, Any]:

@@ -25,7 +25,6 @@ import sys
 from typing import Any
 
 import pytest
-import torch
 
 import vllm_support as vs
 from vllm_deepseek_v4.errors import MTPLayoutError
@@ -36,13 +35,8 @@ N = 40                      # generated tokens per prompt: prompts of 3..42 toke
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    """One torch thread for the in-process engine, as vLLM intends for CPU serving (its CPU worker then
-    replaces ``torch.set_num_threads`` with a no-op for the whole process: restore it afterwards)."""
-    set_threads, before = torch.set_num_threads, torch.get_num_threads()
-    set_threads(1)
-    yield
-    torch.set_num_threads = set_threads
-    set_threads(before)
+    with vs.one_torch_thread():
+        yield
 
 
 def expected(path, k: int = 2, include_mtp: bool = True) -> tuple[list[list[int]], Any]:

@@ -23,12 +23,8 @@ LENGTHS = (4100, 300)
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    """One torch thread, as vLLM's CPU worker wants (it then no-ops ``torch.set_num_threads``: restore it)."""
-    set_threads, before = torch.set_num_threads, torch.get_num_threads()
-    set_threads(1)
-    yield
-    torch.set_num_threads = set_threads
-    set_threads(before)
+    with vs.one_torch_thread():
+        yield
 
 
 def _groups(worker: Any) -> list[tuple[list[str], str, int, Any, int]]:

@@ -81,11 +81,8 @@ def test_honoured_options_pass_the_check():
 
 @pytest.fixture(scope="module")
 def single_thread():
-    set_threads, before = torch.set_num_threads, torch.get_num_threads()
-    set_threads(1)
-    yield
-    torch.set_num_threads = set_threads            # the CPU worker stubs it out for the process
-    set_threads(before)
+    with vs.one_torch_thread():
+        yield
 
 
 def test_engine_start_with_refused_options_fails_naming_all_of_them(single_thread):

@@ -90,9 +90,7 @@ def test_shipped_model_acceptance_at_temperature_matches_the_offline_expectation
     path = tiny_model_path()
     tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
     prompts = [tok.encode(t).ids for t in load_prompts(None, PROMPTS)]
-    set_threads, before_threads = torch.set_num_threads, torch.get_num_threads()
-    set_threads(1)
-    try:
+    with vs.one_torch_thread():
         spec = {"method": "mtp", "num_speculative_tokens": 1, "draft_sample_method": method}
         with vs.engine(path, 1, skip_tokenizer_init=True, max_model_len=512, speculative_config=spec) as llm:
             before = vs.spec_counters(llm)
@@ -103,9 +101,6 @@ def test_shipped_model_acceptance_at_temperature_matches_the_offline_expectation
                 out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
                 outputs.append(list(out[0].outputs[0].token_ids))
             counters = vs.diff_counters(vs.spec_counters(llm), before)
-    finally:
-        torch.set_num_threads = set_threads               # the CPU worker stubs it out for the process
-        set_threads(before_threads)
     rate = counters["num_accepted_tokens"] / counters["num_draft_tokens"]
     model, served = vs.reference_model(path), list(zip(prompts, outputs))
     want = expected_acceptance(model, served, TEMPERATURE, method)

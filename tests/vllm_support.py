@@ -139,6 +139,19 @@ def replay_acceptance(model: DSV4Model, prompt: list[int], greedy_tokens: list[i
 
 
 # ---- vLLM ----
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for an in-process engine, as vLLM intends for CPU serving. Its CPU worker replaces
+    ``torch.set_num_threads`` with a no-op for the whole process, so the real one is put back on exit."""
+    set_threads, before = torch.set_num_threads, torch.get_num_threads()
+    set_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        set_threads(before)
+
+
 def make_llm(path: Path | str, k: int = 0, **kwargs: Any) -> Any:
     """An in-process engine on our plugin (eager, fp32, no tokenizer), MTP speculation with ``k`` drafts."""
     with _env(ENGINE_ENV):
