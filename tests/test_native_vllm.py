@@ -202,6 +202,29 @@ def test_stock_vllm_bugs_are_reported(geo_zoo: Path) -> None:
     assert doc["target"]["uncovered"] == [] and doc["mtp"]["uncovered"] == []
 
 
+def test_stock_configs_ignore_the_portable_pass_through(geo_zoo: Path) -> None:
+    """A process that registered the portable engine's pass-through quant config (it claims every DSv4
+    ``quantization_config``) still gets vLLM's own config for the stock baseline and the native builds: a
+    pass-through there leaves vLLM's linears without a quant method (``All linear layers should support quant
+    method``). Regression: the suite ran portable-engine tests before these and failed three native tests."""
+    from vllm.config import ModelConfig
+
+    from vllm_deepseek_v4.native.build import make_vllm_config
+    from vllm_deepseek_v4.native.standins import HF_OVERRIDES, cpu_standins
+    from vllm_deepseek_v4.vllm_plugin.quant import QUANT_NAME, register_quant_config
+
+    path = str(geo_zoo / "upstream_fp8_mxfp4")
+    register_quant_config()
+    with cpu_standins():
+        claimed = ModelConfig(model=path, tokenizer=path, skip_tokenizer_init=True, hf_overrides=dict(HF_OVERRIDES),
+                              max_model_len=1024)
+        assert claimed.quantization == QUANT_NAME       # the pass-through is live in this process
+        vc = make_vllm_config(path, native=False)
+    assert vc.model_config.quantization != QUANT_NAME
+    assert vc.quant_config is not None and vc.quant_config.get_name() != QUANT_NAME
+    assert vc.speculative_config.draft_model_config.quantization != QUANT_NAME
+
+
 @pytest.mark.slow
 def test_cli_json_and_exit_codes(geo_zoo: Path, tmp_path: Path) -> None:
     dsv4 = [sys.executable, "-m", "vllm_deepseek_v4.cli.main", "check-vllm"]

@@ -47,7 +47,15 @@ def vllm_class(kind: str) -> type:
 def make_vllm_config(path: str, *, tp: int = 1, dtype: str = "bfloat16", native: bool = True,
                      with_mtp: bool = True) -> Any:
     """A ``VllmConfig`` for the artifact at ``path``. ``native``: without the artifact's ``quantization_config``
-    (native loading passes its own config objects); otherwise vLLM derives its config from the artifact."""
+    (native loading passes its own config objects); otherwise vLLM derives its config from the artifact, as
+    stock vLLM does (also where this process registered the portable engine's pass-through quant config)."""
+    from ..vllm_plugin.quant import vllm_own_formats
+
+    with vllm_own_formats():
+        return _make_vllm_config(path, tp=tp, dtype=dtype, native=native, with_mtp=with_mtp)
+
+
+def _make_vllm_config(path: str, *, tp: int, dtype: str, native: bool, with_mtp: bool) -> Any:
     from vllm.config import ModelConfig, ParallelConfig, SpeculativeConfig, VllmConfig
 
     overrides = dict(HF_OVERRIDES)

@@ -8,16 +8,24 @@ methods) and hand it to our constructors. Our modules never use it: every linear
 ``kernels.dispatch``. So we register a pass-through config whose ``override_quantization_method`` claims
 every DSv4 target/draft config (custom configs are probed before the built-in ones); vLLM then records
 this name, and ``get_quant_method`` returns ``None`` for every layer.
+
+The claim is process-wide once registered, but vLLM's *own* DSv4 classes need vLLM's own configs (a
+``None`` quant method makes their linears refuse to build). Code that builds those classes in a process where
+the portable engine registered this config (``dsv4 check-vllm``'s stock baseline, the native builders, the
+test suite running both engines in one process) derives its configs inside ``vllm_own_formats()``.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["QUANT_NAME", "register_quant_config"]
+__all__ = ["QUANT_NAME", "register_quant_config", "vllm_own_formats"]
 
 QUANT_NAME = "dsv4_plugin"
+_suspended = 0          # > 0 inside vllm_own_formats(): the pass-through claims nothing
 _MODEL_TYPES = ("deepseek_v4",)
 _ARCHS = ("DeepseekV4ForCausalLM", "DeepSeekV4MTPModel")
 
@@ -27,6 +35,19 @@ def _is_dsv4(hf_config: Any) -> bool:
         return False
     archs = set(getattr(hf_config, "architectures", None) or [])
     return getattr(hf_config, "model_type", None) in _MODEL_TYPES or bool(archs & set(_ARCHS))
+
+
+@contextlib.contextmanager
+def vllm_own_formats() -> Iterator[None]:
+    """vLLM configs created inside derive vLLM's own quant config from ``quantization_config``, as stock vLLM
+    does, even where the pass-through is registered (nestable; not thread-scoped: configs are built on one
+    thread)."""
+    global _suspended
+    _suspended += 1
+    try:
+        yield
+    finally:
+        _suspended -= 1
 
 
 def register_quant_config() -> None:
@@ -63,6 +84,8 @@ def register_quant_config() -> None:
         @classmethod
         def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None,
                                          hf_config: Any = None) -> str | None:
+            if _suspended:
+                return None
             return QUANT_NAME if (_is_dsv4(hf_config) or user_quant == QUANT_NAME) else None
 
         def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> None:
