@@ -263,29 +263,15 @@ def test_pp2_draft_loads_head_and_embed_itself(geo_zoo: Path, layout: str, monke
     artifact's top-level tensors and records ``case: own`` (also where ``mtp.0`` carries copies). At PP = 1 the
     same proposer code replaces it with the target's module (the ``shared`` case)."""
     import torch
-    from vllm.model_executor.model_loader.utils import initialize_model
-    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
-    from vllm.utils.torch_utils import set_default_torch_dtype
     from vllm.v1.spec_decode import llm_base_proposer
     from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
 
+    import vllm_support as vs
     from vllm_deepseek_v4.loader import build_plan
     from vllm_deepseek_v4.loader.stream import iter_plan_tensors
-    from vllm_deepseek_v4.native.build import ensure_distributed, make_vllm_config
-    from vllm_deepseek_v4.native.standins import cpu_standins
-    from vllm_deepseek_v4.vllm_plugin import native_classes as nc
 
     path = str(geo_zoo / layout)
-    files = sorted(str(p) for p in Path(path).glob("*.safetensors"))
-    with cpu_standins():
-        vc = make_vllm_config(path, native=False)
-        ensure_distributed(vc)
-        built = {}
-        for kind, cls, mc in (("target", nc.NativeDeepseekV4ForCausalLM, vc.model_config),
-                              ("mtp", nc.NativeDeepSeekV4MTP, vc.speculative_config.draft_model_config)):
-            with set_default_torch_dtype(mc.dtype), torch.device("cpu"):
-                built[kind] = initialize_model(vc, model_class=cls, model_config=mc)
-            built[kind].load_weights(safetensors_weights_iterator(files, False))
+    vc, built, _ = vs.load_registered_native(path)
     target, draft = built["target"], built["mtp"]
     canon = dict(iter_plan_tensors(build_plan(path), progress=False))
     head = f"model.layers.{L}.shared_head.head.weight"

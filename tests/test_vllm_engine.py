@@ -74,30 +74,16 @@ def test_native_subclasses_load_through_the_plan(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts/vllm_geometry_model.py"), str(tmp_path / "geo")],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    from vllm.model_executor.model_loader.utils import initialize_model
-    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
     from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM
     from vllm.models.deepseek_v4.nvidia.mtp import DeepSeekV4MTP
-    from vllm.utils.torch_utils import set_default_torch_dtype
 
-    from vllm_deepseek_v4.native.build import ensure_distributed, make_vllm_config
-    from vllm_deepseek_v4.native.standins import cpu_standins
+    import vllm_support as vs
     from vllm_deepseek_v4.vllm_plugin import native_classes as nc
 
     assert issubclass(nc.NativeDeepseekV4ForCausalLM, DeepseekV4ForCausalLM)
     assert issubclass(nc.NativeDeepSeekV4MTP, DeepSeekV4MTP)
-    path = str(tmp_path / "geo")
-    files = sorted(str(p) for p in Path(path).glob("*.safetensors"))
-    with cpu_standins():
-        vc = make_vllm_config(path, native=False)
-        ensure_distributed(vc)
-        models = {}
-        for kind, cls, mc in (("target", nc.NativeDeepseekV4ForCausalLM, vc.model_config),
-                              ("mtp", nc.NativeDeepSeekV4MTP, vc.speculative_config.draft_model_config)):
-            with set_default_torch_dtype(mc.dtype), torch.device("cpu"):
-                model = initialize_model(vc, model_class=cls, model_config=mc)
-            loaded = model.load_weights(safetensors_weights_iterator(files, False))
-            assert loaded == {n for n, _ in model.named_parameters()}, kind
-            models[kind] = model
+    _, models, loaded = vs.load_registered_native(tmp_path / "geo")
+    for kind, model in models.items():
+        assert loaded[kind] == {n for n, _ in model.named_parameters()}, kind
     assert torch.equal(models["mtp"].model.embed_tokens.weight, models["target"].model.embed_tokens.weight)
     assert "vllm_deepseek_v4" in type(models["mtp"]).__module__

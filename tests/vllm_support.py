@@ -248,6 +248,33 @@ def sum_counters(items: list[dict[str, Any]], k: int) -> dict[str, Any]:
     return out
 
 
+def load_registered_native(path: Path | str) -> tuple[Any, dict[str, Any], dict[str, set[str]]]:
+    """The plugin's registered native classes (CPU stand-ins: the ``nvidia`` base) for the artifact at ``path``:
+    each built by vLLM's ``initialize_model`` (target, then MTP with the draft's model config) and loaded by its
+    own ``load_weights`` from vLLM's safetensors iterator over the shards. Returns the vLLM config, the models
+    and the names each ``load_weights`` reported, by kind (``target`` / ``mtp``)."""
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    from vllm_deepseek_v4.native.build import ensure_distributed, make_vllm_config
+    from vllm_deepseek_v4.native.standins import cpu_standins
+    from vllm_deepseek_v4.vllm_plugin import native_classes as nc
+
+    files = sorted(str(p) for p in Path(path).glob("*.safetensors"))
+    models: dict[str, Any] = {}
+    loaded: dict[str, set[str]] = {}
+    with cpu_standins():
+        vc = make_vllm_config(str(path), native=False)
+        ensure_distributed(vc)
+        for kind, cls, mc in (("target", nc.NativeDeepseekV4ForCausalLM, vc.model_config),
+                              ("mtp", nc.NativeDeepSeekV4MTP, vc.speculative_config.draft_model_config)):
+            with set_default_torch_dtype(mc.dtype), torch.device("cpu"):
+                models[kind] = initialize_model(vc, model_class=cls, model_config=mc)
+            loaded[kind] = models[kind].load_weights(safetensors_weights_iterator(files, False))
+    return vc, models, loaded
+
+
 def cfg_of(path: Path | str) -> DSV4Config:
     from vllm_deepseek_v4.config import load_config
     return load_config(str(path))
@@ -255,4 +282,4 @@ def cfg_of(path: Path | str) -> DSV4Config:
 
 __all__ = ["PROMPTS", "agreeable", "on_disk_tensors", "write_model", "seeded_model", "reference_model", "greedy",
            "replay_acceptance", "make_llm", "engine", "on_worker", "generate", "spec_counters", "diff_counters",
-           "sum_counters", "cfg_of"]
+           "sum_counters", "load_registered_native", "cfg_of"]

@@ -36,30 +36,37 @@ _Draft = importlib.import_module(BASE_PACKAGE + ".mtp").DeepSeekV4MTP
 _TARGET_POST = BASE_PACKAGE.endswith("nvidia")
 
 
-class NativeDeepseekV4ForCausalLM(_Target):  # type: ignore[misc, valid-type]
+class _PlanLoaded:
+    """What the two registered classes add to vLLM's, with their differences as data: ``_dsv4_kind`` (the plan's
+    half: ``target`` / ``mtp``), ``_dsv4_quant_config`` (the ``native.glue`` function that picks the quant
+    config the class is built with) and ``_dsv4_post_load`` (whether ``process_weights_after_loading`` runs here
+    after the plan's load: vLLM's base ``load_weights`` would have run it, which the plan's replaces)."""
+
+    _dsv4_kind: str
+    _dsv4_quant_config: Any
+    _dsv4_post_load: bool
+
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        qc = glue.target_quant_config(vllm_config, vllm_config.quant_config)
-        super().__init__(vllm_config=glue.with_quant_config(vllm_config, qc), prefix=prefix)
+        qc = self._dsv4_quant_config(vllm_config, vllm_config.quant_config)
+        super().__init__(vllm_config=glue.with_quant_config(vllm_config, qc), prefix=prefix)  # type: ignore[call-arg]
         self.dsv4_own_kernels = glue.install_own_kernels(self, vllm_config)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-        loaded = glue.load_weights_from_plan(self, "target", weights, glue.model_path(self.config))
+        loaded = glue.load_weights_from_plan(self, self._dsv4_kind, weights, glue.model_path(self.config))
         if loaded is None:
-            return super().load_weights(weights)
-        if _TARGET_POST:
+            return super().load_weights(weights)  # type: ignore[misc]
+        if self._dsv4_post_load:
             self.process_weights_after_loading()
         return loaded
 
 
-class NativeDeepSeekV4MTP(_Draft):  # type: ignore[misc, valid-type]
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        qc = glue.mtp_quant_config(vllm_config, vllm_config.quant_config)
-        super().__init__(vllm_config=glue.with_quant_config(vllm_config, qc), prefix=prefix)
-        self.dsv4_own_kernels = glue.install_own_kernels(self, vllm_config)
+class NativeDeepseekV4ForCausalLM(_PlanLoaded, _Target):  # type: ignore[misc, valid-type]
+    _dsv4_kind = "target"
+    _dsv4_quant_config = staticmethod(glue.target_quant_config)
+    _dsv4_post_load = _TARGET_POST
 
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-        loaded = glue.load_weights_from_plan(self, "mtp", weights, glue.model_path(self.config))
-        if loaded is None:
-            return super().load_weights(weights)
-        self.process_weights_after_loading()
-        return loaded
+
+class NativeDeepSeekV4MTP(_PlanLoaded, _Draft):  # type: ignore[misc, valid-type]
+    _dsv4_kind = "mtp"
+    _dsv4_quant_config = staticmethod(glue.mtp_quant_config)
+    _dsv4_post_load = True
