@@ -10,9 +10,11 @@
 The window holds ``window_size`` keys including the query itself. K and V are the same latent, so RoPE is
 undone on the output before the grouped low-rank output projection (``wo_a`` per group, then ``wo_b``).
 
-This module is the only place the steps are written (project -> write -> pool -> select -> attend), for
-the in-process cache and vLLM's paged caches alike: both are a :class:`~.kv_store.KVStore`, which only
-stores and locates rows and entries by token position.
+This module is the only place the steps are written (project -> write -> pool -> select -> attend ->
+output), for the in-process cache and vLLM's paged caches alike: both are a :class:`~.kv_store.KVStore`,
+which only stores and locates rows and entries by token position. Only pool, select and attend read one
+request's keys, so only they run per request segment; project and output are per token and run once per
+step over all of its tokens (a vLLM step may hold hundreds of requests).
 """
 from __future__ import annotations
 
@@ -80,16 +82,21 @@ class Attention(nn.Module):
         comp = self.compressor.project(xs) if self.ratio > 0 else None
         index = self.indexer.compressor.project(xs) if self.ratio == CSA_RATIO else None
         cache.write(Rows(kv, comp, index))
-        outs = [self._segment(cache, sg, xs[:, sg.a:sg.b], q[:, sg.a:sg.b], qr[:, sg.a:sg.b], pos[sg.a:sg.b])
-                for sg in segments] or [x.new_zeros(x.shape[0], 0, x.shape[2])]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if not segments:
+            return x.new_zeros(x.shape)
+        # Only the sink attention reads a request's own keys; RoPE undoing and the output projections are
+        # per token, so they run once over the whole step (one GEMM, not one per request).
+        heads = [self._segment(cache, sg, xs[:, sg.a:sg.b], q[:, sg.a:sg.b], qr[:, sg.a:sg.b], pos[sg.a:sg.b])
+                 for sg in segments]
+        out = self.output(heads[0] if len(heads) == 1 else torch.cat(heads, dim=1), pos)
         if x.shape[1] > T:                  # vLLM's padding tokens
             out = torch.cat((out, x.new_zeros(x.shape[0], x.shape[1] - T, out.shape[-1])), dim=1)
         return out
 
     def _segment(self, cache: KVStore, sg: Segment, x: torch.Tensor, q: torch.Tensor, qr: torch.Tensor,
                  pos: torch.Tensor) -> torch.Tensor:
-        """One request's queries (``x``, ``q``, ``qr`` at ``pos``) over its window and compressed entries."""
+        """One request's queries (``x``, ``q``, ``qr`` at ``pos``) over its window and compressed entries ->
+        the heads' attention outputs ``[B, S, H, d]`` (still roped)."""
         first = max(0, sg.s - self.cfg.window_size + 1)
         keys = cache.window(sg, first)                                             # positions first..e-1
         mask = cache.memo(("window", sg), lambda: self.window_mask(pos, first, sg.e))
@@ -102,7 +109,7 @@ class Attention(nn.Module):
             keys = torch.cat((keys, entries), dim=1)
             mask = torch.cat((mask.expand(picked.shape[0], -1, -1), picked), dim=-1)
         cache.release(sg, sg.e - history(self.cfg, self.ratio))
-        return self.attend(q, keys, mask, pos)
+        return dispatch.sink_attention(q, keys, mask, self.attn_sink, self.cfg.head_dim ** -0.5)
 
     def _entries(self, cache: KVStore, sg: Segment, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pool and store the entries whose window ends in this segment; all entries so far ``[B, n, hd]``
@@ -143,13 +150,12 @@ class Attention(nn.Module):
         (also the indexer's candidates)."""
         return torch.arange(n, device=pos.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Sink attention of ``q [B, S, H, d]`` over ``keys [B, N, d]`` (``mask [B|1, S, N]``), RoPE undone on
-        the output, then the grouped low-rank output projection -> ``[B, S, D]``."""
+    def output(self, o: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The heads' attention outputs ``o [B, S, H, d]`` at ``pos [S]`` -> ``[B, S, D]``: RoPE undone (K and V
+        are the same roped latent), then the grouped low-rank output projection and the TP reduction."""
         cfg = self.cfg
-        B, S = q.shape[:2]
+        B, S = o.shape[:2]
         H, d, G = self.n_heads, cfg.head_dim, self.n_groups
-        o = dispatch.sink_attention(q, keys, mask, self.attn_sink, d ** -0.5)     # [B, S, H, d]
-        o = apply_rope(o, pos, rope_inv_freq(cfg, self.ratio, q.device), inverse=True)
+        o = apply_rope(o, pos, rope_inv_freq(cfg, self.ratio, o.device), inverse=True)
         z = dispatch.grouped_linear(o.reshape(B, S, G, H * d // G), self.wo_a, G)  # [B, S, G, o_lora]
         return self.par.reduce(dispatch.linear(z.flatten(-2), self.wo_b))
