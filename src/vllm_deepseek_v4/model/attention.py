@@ -84,19 +84,24 @@ class Attention(nn.Module):
         cache.write(Rows(kv, comp, index))
         if not segments:
             return x.new_zeros(x.shape)
-        # Only the sink attention reads a request's own keys; RoPE undoing and the output projections are
-        # per token, so they run once over the whole step (one GEMM, not one per request).
-        heads = [self._segment(cache, sg, xs[:, sg.a:sg.b], q[:, sg.a:sg.b], qr[:, sg.a:sg.b], pos[sg.a:sg.b])
-                 for sg in segments]
+        # Only pooling, the indexer's scores and the sink attention read a request's own keys; the index
+        # queries, RoPE undoing and the output projections are per token, so they run once over the whole
+        # step (one GEMM each, not one per request).
+        index_q = self.indexer.queries(xs, qr, pos) if self.ratio == CSA_RATIO else None
+        heads = []
+        for sg in segments:
+            span = slice(sg.a, sg.b)
+            iq = None if index_q is None else (index_q[0][:, span], index_q[1][:, span])
+            heads.append(self._segment(cache, sg, xs[:, span], q[:, span], pos[span], iq))
         out = self.output(heads[0] if len(heads) == 1 else torch.cat(heads, dim=1), pos)
         if x.shape[1] > T:                  # vLLM's padding tokens
             out = torch.cat((out, x.new_zeros(x.shape[0], x.shape[1] - T, out.shape[-1])), dim=1)
         return out
 
-    def _segment(self, cache: KVStore, sg: Segment, x: torch.Tensor, q: torch.Tensor, qr: torch.Tensor,
-                 pos: torch.Tensor) -> torch.Tensor:
-        """One request's queries (``x``, ``q``, ``qr`` at ``pos``) over its window and compressed entries ->
-        the heads' attention outputs ``[B, S, H, d]`` (still roped)."""
+    def _segment(self, cache: KVStore, sg: Segment, x: torch.Tensor, q: torch.Tensor, pos: torch.Tensor,
+                 index_q: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """One request's queries (``x``, ``q`` and on CSA layers the indexer's ``index_q``, at ``pos``) over its
+        window and compressed entries -> the heads' attention outputs ``[B, S, H, d]`` (still roped)."""
         first = max(0, sg.s - self.cfg.window_size + 1)
         keys = cache.window(sg, first)                                             # positions first..e-1
         mask = cache.memo(("window", sg), lambda: self.window_mask(pos, first, sg.e))
@@ -104,8 +109,8 @@ class Attention(nn.Module):
             entries, index_keys = self._entries(cache, sg, x)
             n = entries.shape[1]
             picked = cache.memo(("visible", sg, self.ratio), lambda: self.entry_visibility(pos, n)[None])
-            if self.ratio == CSA_RATIO:                                            # CSA: indexer's top-k
-                picked = self.indexer.select(x, qr, index_keys, pos, picked)
+            if index_q is not None:                                                # CSA: indexer's top-k
+                picked = self.indexer.pick(*index_q, index_keys, picked)
             keys = torch.cat((keys, entries), dim=1)
             mask = torch.cat((mask.expand(picked.shape[0], -1, -1), picked), dim=-1)
         cache.release(sg, sg.e - history(self.cfg, self.ratio))

@@ -95,11 +95,21 @@ class Indexer(nn.Module):
                visible: torch.Tensor) -> torch.Tensor:
         """Top-k of ``keys [B, n, ID]`` for the queries ``x``, ``qr`` at ``pos [S]``, among the entries each
         query may see (``visible [1|B, S, n]``, ``Attention.entry_visibility``) -> mask ``[B, S, n]``."""
+        return self.pick(*self.queries(x, qr, pos), keys, visible)
+
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token, so attention runs it once per step: the roped index queries ``[B, S, IH, ID]`` and their
+        heads' fp32 score weights ``[B, S, IH]``."""
         B, S, _ = x.shape
-        n = keys.shape[1]
         q = dispatch.linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim)
         q = apply_rope(q, pos, rope_inv_freq(self.cfg, CSA_RATIO, x.device))
         w = dispatch.linear(x, self.weights_proj).float() * (self.head_dim ** -0.5 * self.cfg.index_n_heads ** -0.5)
+        return q, w
+
+    def pick(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """:meth:`select` given one request's :meth:`queries` ``q``, ``w``."""
+        B, S = q.shape[:2]
+        n = keys.shape[1]
         scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
         # [B, S, n]: the sum over all index heads, so every TP rank selects the same entries
         scores = self.par.reduce((scores * w[..., None]).sum(dim=2))
@@ -108,5 +118,5 @@ class Indexer(nn.Module):
         # in small models, and a fixed rule keeps prefill, chunked prefill and decode picking the same set.
         k = min(self.topk, n)
         top, order = scores.sort(dim=-1, descending=True, stable=True)
-        picked = torch.zeros(B, S, n, dtype=torch.bool, device=x.device)
+        picked = torch.zeros(B, S, n, dtype=torch.bool, device=q.device)
         return picked.scatter_(-1, order[..., :k], top[..., :k] > float("-inf"))
