@@ -25,7 +25,7 @@ from ..config import DSV4Config
 from ..kernels import dispatch
 from ..quant.groups import scheme_of
 from .compressor import CSA_RATIO, Compressor, Indexer, windows_pooled
-from .kv_store import KVStore, Rows, Segment
+from .kv_store import Entries, KVStore, Rows, Segment
 from .linear import QLinear
 from .parallel import SINGLE, Parallel
 from .primitives import RMSNorm, apply_rope, rms_unweighted, rope_inv_freq
@@ -84,29 +84,34 @@ class Attention(nn.Module):
         cache.write(Rows(kv, comp, index))
         if not segments:
             return x.new_zeros(x.shape)
-        # Only pooling, the indexer's scores and the sink attention read a request's own keys; the index
-        # queries, RoPE undoing and the output projections are per token, so they run once over the whole
-        # step (one GEMM each, not one per request).
+        # The entries completed in this step are pooled and stored first, then every request's window rows
+        # and entries are read in one go (the paged store gathers them with one index op, not one per request).
+        firsts = [max(0, sg.s - self.cfg.window_size + 1) for sg in segments]
+        windows = cache.windows(segments, firsts)                                  # positions first..e-1
+        entries = self._entries(cache, segments, xs) if self.ratio > 0 else [None] * len(segments)
+        # Only the indexer's scores and the sink attention read a request's own keys; the index queries, RoPE
+        # undoing and the output projections are per token, so they run once over the whole step (one GEMM
+        # each, not one per request).
         index_q = self.indexer.queries(xs, qr, pos) if self.ratio == CSA_RATIO else None
         heads = []
-        for sg in segments:
+        for sg, first, keys, ent in zip(segments, firsts, windows, entries):
             span = slice(sg.a, sg.b)
             iq = None if index_q is None else (index_q[0][:, span], index_q[1][:, span])
-            heads.append(self._segment(cache, sg, xs[:, span], q[:, span], pos[span], iq))
+            heads.append(self._segment(cache, sg, first, keys, ent, q[:, span], pos[span], iq))
         out = self.output(heads[0] if len(heads) == 1 else torch.cat(heads, dim=1), pos)
         if x.shape[1] > T:                  # vLLM's padding tokens
             out = torch.cat((out, x.new_zeros(x.shape[0], x.shape[1] - T, out.shape[-1])), dim=1)
         return out
 
-    def _segment(self, cache: KVStore, sg: Segment, x: torch.Tensor, q: torch.Tensor, pos: torch.Tensor,
-                 index_q: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """One request's queries (``x``, ``q`` and on CSA layers the indexer's ``index_q``, at ``pos``) over its
-        window and compressed entries -> the heads' attention outputs ``[B, S, H, d]`` (still roped)."""
-        first = max(0, sg.s - self.cfg.window_size + 1)
-        keys = cache.window(sg, first)                                             # positions first..e-1
+    def _segment(self, cache: KVStore, sg: Segment, first: int, keys: torch.Tensor, entries: Entries | None,
+                 q: torch.Tensor, pos: torch.Tensor, index_q: tuple[torch.Tensor, torch.Tensor] | None
+                 ) -> torch.Tensor:
+        """One request's queries (``q`` and on CSA layers the indexer's ``index_q``, at ``pos``) over its window
+        (``keys``: positions ``first .. sg.e - 1``) and compressed ``entries`` -> the heads' attention outputs
+        ``[B, S, H, d]`` (still roped)."""
         mask = cache.memo(("window", sg), lambda: self.window_mask(pos, first, sg.e))
-        if self.ratio > 0:
-            entries, index_keys = self._entries(cache, sg, x)
+        if entries is not None:
+            entries, index_keys = entries
             n = entries.shape[1]
             picked = cache.memo(("visible", sg, self.ratio), lambda: self.entry_visibility(pos, n)[None])
             if index_q is not None:                                                # CSA: indexer's top-k
@@ -116,22 +121,26 @@ class Attention(nn.Module):
         cache.release(sg, sg.e - history(self.cfg, self.ratio))
         return dispatch.sink_attention(q, keys, mask, self.attn_sink, self.cfg.head_dim ** -0.5)
 
-    def _entries(self, cache: KVStore, sg: Segment, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pool and store the entries whose window ends in this segment; all entries so far ``[B, n, hd]``
-        (and the indexer's keys on CSA layers)."""
+    def _entries(self, cache: KVStore, segments: list[Segment], x: torch.Tensor) -> list[Entries]:
+        """Pool and store the entries whose window ends in each segment; then each segment's entries so far
+        ``[B, n, hd]`` (and the indexer's keys on CSA layers)."""
         r = self.ratio
-        done, n = sg.s // r, sg.e // r                          # entries done..n-1 complete in this segment
-        if n == 0:                                              # none yet: empty, for uniform concatenation
-            return (x.new_zeros(x.shape[0], 0, self.compressor.head_dim),
-                    x.new_zeros(x.shape[0], 0, self.indexer.head_dim) if r == CSA_RATIO else None)
-        if n > done:
-            lo = max(done - windows_pooled(r) + 1, 0)          # first window their rows come from
-            comp, index = cache.pool_rows(sg, lo * r, n * r)
-            new = [self.compressor.pool(*comp, lo, done, x.dtype)]
-            if index is not None:
-                new.append(self.indexer.compressor.pool(*index, lo, done, x.dtype))
-            cache.write_entries(sg, done, new)
-        return cache.entries(sg, n)
+        for sg in segments:
+            done, n = sg.s // r, sg.e // r                      # entries done..n-1 complete in this segment
+            if n > done:
+                lo = max(done - windows_pooled(r) + 1, 0)      # first window their rows come from
+                comp, index = cache.pool_rows(sg, lo * r, n * r)
+                new = [self.compressor.pool(*comp, lo, done, x.dtype)]
+                if index is not None:
+                    new.append(self.indexer.compressor.pool(*index, lo, done, x.dtype))
+                cache.write_entries(sg, done, new)
+        counts = [sg.e // r for sg in segments]
+        # a request with no complete window yet gets empty entries, for uniform concatenation
+        empty = (x.new_zeros(x.shape[0], 0, self.compressor.head_dim),
+                 x.new_zeros(x.shape[0], 0, self.indexer.head_dim) if r == CSA_RATIO else None)
+        have = [sg for sg, n in zip(segments, counts) if n]
+        read = iter(cache.entries(have, [n for n in counts if n]) if have else ())
+        return [next(read) if n else empty for n in counts]
 
     def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, S, D]`` at positions ``pos [S]`` -> roped queries ``[B, S, H, d]``, the low-rank query

@@ -17,10 +17,11 @@ import torch
 
 from ..errors import DSV4Error
 
-__all__ = ["Pair", "Segment", "Rows", "KVStore", "AttnCache"]
+__all__ = ["Pair", "Entries", "Segment", "Rows", "KVStore", "AttnCache"]
 
 _T = TypeVar("_T")
 Pair = tuple[torch.Tensor, torch.Tensor]      # a compressor's projected (kv, gate) rows, fp32
+Entries = tuple[torch.Tensor, torch.Tensor | None]    # one request's entries [, the indexer's keys], model dtype
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,11 @@ class Rows:
 class KVStore(Protocol):
     """The cache of one attention layer, as :meth:`Attention.forward` uses it.
 
-    Per step: :meth:`begin`, :meth:`write` every token's rows, then per segment: :meth:`window`,
-    :meth:`pool_rows` / :meth:`write_entries` for the entries that end in it, :meth:`entries`,
-    :meth:`release`. Tensors are ``[B, n, ...]`` (the in-process store: B rows at the same positions; the
-    paged store: B = 1).
+    Per step: :meth:`begin`, :meth:`write` every token's rows, :meth:`windows` of every segment, per segment
+    :meth:`pool_rows` / :meth:`write_entries` for the entries that end in it, :meth:`entries` of every
+    segment, then per segment :meth:`release`. Reads take all segments at once so a store with many requests
+    per step can gather them together. Tensors are ``[B, n, ...]`` (the in-process store: B rows at the same
+    positions, one segment; the paged store: B = 1).
     """
 
     def begin(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, list[Segment]] | None:
@@ -61,8 +63,8 @@ class KVStore(Protocol):
     def write(self, rows: Rows) -> None:
         """Store the rows of the step's ``T`` tokens at their positions."""
 
-    def window(self, seg: Segment, first: int) -> torch.Tensor:
-        """Latents of positions ``first .. seg.e - 1`` ``[B, n, d]`` (model dtype)."""
+    def windows(self, segments: list[Segment], firsts: list[int]) -> list[torch.Tensor]:
+        """Per segment, the latents of positions ``first .. seg.e - 1`` ``[B, n, d]`` (model dtype)."""
 
     def pool_rows(self, seg: Segment, first: int, end: int) -> tuple[Pair, Pair | None]:
         """The compressor's and the indexer compressor's rows of positions ``first .. end - 1``."""
@@ -70,8 +72,8 @@ class KVStore(Protocol):
     def write_entries(self, seg: Segment, first: int, new: list[torch.Tensor]) -> None:
         """Store entries ``first ..`` (``new``: the compressor's ``[B, n, hd]``, then the indexer's keys)."""
 
-    def entries(self, seg: Segment, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Entries ``0 .. n - 1`` (and the indexer's keys on CSA layers), model dtype."""
+    def entries(self, segments: list[Segment], counts: list[int]) -> list[Entries]:
+        """Per segment, its entries ``0 .. n - 1`` (and the indexer's keys on CSA layers), ``n > 0``."""
 
     def memo(self, key: tuple, make: Callable[[], _T]) -> _T:
         """``make()``, or what it returned for ``key`` in this step if the store shares it between layers."""
@@ -113,10 +115,10 @@ class AttnCache:
         self.comp, self.index = _cat_pair(self.comp, rows.comp), _cat_pair(self.index, rows.index)
         self.end += rows.latent.shape[1]
 
-    def window(self, seg: Segment, first: int) -> torch.Tensor:
-        assert self.latent is not None and first >= self.start, "attention released rows it still reads"
+    def windows(self, segments: list[Segment], firsts: list[int]) -> list[torch.Tensor]:
+        assert self.latent is not None and min(firsts) >= self.start, "attention released rows it still reads"
         # contiguous like a freshly concatenated window (a slice of the rows is not, for B > 1)
-        return self.latent[:, first - self.start: seg.e - self.start].contiguous()
+        return [self.latent[:, f - self.start: sg.e - self.start].contiguous() for sg, f in zip(segments, firsts)]
 
     def pool_rows(self, seg: Segment, first: int, end: int) -> tuple[Pair, Pair | None]:
         assert self.comp is not None and first >= self.start, "attention released rows it still pools"
@@ -129,9 +131,9 @@ class AttnCache:
         assert first == (self.compressed[0].shape[1] if self.compressed else 0)
         self.compressed = [_cat(old, n) for old, n in zip(self.compressed or [None] * len(new), new)]
 
-    def entries(self, seg: Segment, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        assert self.compressed and self.compressed[0].shape[1] == n
-        return self.compressed[0], (self.compressed[1] if len(self.compressed) > 1 else None)
+    def entries(self, segments: list[Segment], counts: list[int]) -> list[Entries]:
+        assert self.compressed and all(self.compressed[0].shape[1] == n for n in counts)
+        return [(self.compressed[0], self.compressed[1] if len(self.compressed) > 1 else None) for _ in counts]
 
     def memo(self, key: tuple, make: Callable[[], _T]) -> _T:
         return make()                          # one layer per store: nothing to share

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..config import DSV4Config
-from ..model.kv_store import Pair, Rows, Segment
+from ..model.kv_store import Entries, Pair, Rows, Segment
 from .kv_layout import CacheGeometry, CacheKind, RowLayout, cache_geometry, layer_kinds
 
 __all__ = ["PagedKV", "StepInputs"]
@@ -122,6 +122,20 @@ def _locate(cache: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> tu
     return table[index // n].long(), index % n
 
 
+def _locate_spans(cache: torch.Tensor, table: torch.Tensor, spans: tuple[tuple[int, int, int], ...]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_locate` of several requests' ranges at once, concatenated: ``spans`` = (request's block-table
+    row, first, end) -- one index op for a whole step instead of one per request."""
+    device, lengths = cache.device, [e - f for _, f, e in spans]
+    count = torch.tensor(lengths, dtype=torch.long, device=device)
+    span = torch.repeat_interleave(torch.arange(len(spans), device=device), count)   # each state's span
+    first = torch.tensor([f for _, f, _ in spans], dtype=torch.long, device=device)
+    index = torch.arange(sum(lengths), device=device) - (torch.cumsum(count, 0) - count)[span] + first[span]
+    req = torch.tensor([r for r, _, _ in spans], dtype=torch.long, device=device)
+    n = cache.shape[2]
+    return table[req[span], index // n].long(), index % n
+
+
 @dataclass(frozen=True)
 class _Step:
     """What :meth:`PagedKV.begin` found for the step being computed (valid until the next ``begin``)."""
@@ -176,9 +190,10 @@ class PagedKV(nn.Module):
         blk, off, valid = self.inputs.cached(("slots", id(self._meta.mw)), self._slots)
         self.row_cache.kv_cache[blk, 0, off] = flat[valid]
 
-    def window(self, seg: Segment, first: int) -> torch.Tensor:
-        blk, off = self._rows_at(seg, first, seg.e)
-        return self.row_cache.kv_cache[blk, 0, off, : self.layout.head_dim].to(self._meta.dtype)[None]
+    def windows(self, segments: list[Segment], firsts: list[int]) -> list[torch.Tensor]:
+        spans = tuple((sg.req, f, sg.e) for sg, f in zip(segments, firsts))
+        rows = self._gather(self.row_cache, self._meta.mw, spans)[..., : self.layout.head_dim]
+        return [w[None] for w in rows.to(self._meta.dtype).split([e - f for _, f, e in spans])]
 
     def pool_rows(self, seg: Segment, first: int, end: int) -> tuple[Pair, Pair | None]:
         blk, off = self._rows_at(seg, first, end)
@@ -194,12 +209,11 @@ class PagedKV(nn.Module):
             blk, off = self._entries_at(layer, meta, seg, first, end)
             layer.kv_cache[blk, 0, off] = values[0].float()
 
-    def entries(self, seg: Segment, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        dtype, read = self._meta.dtype, []
-        for layer, meta in zip(self._entry_layers(), (self._meta.mc, self._meta.mi)):
-            blk, off = self._entries_at(layer, meta, seg, 0, n)
-            read.append(layer.kv_cache[blk, 0, off].to(dtype)[None])
-        return read[0], (read[1] if len(read) > 1 else None)
+    def entries(self, segments: list[Segment], counts: list[int]) -> list[Entries]:
+        spans = tuple((sg.req, 0, n) for sg, n in zip(segments, counts))
+        read = [[t[None] for t in self._gather(layer, meta, spans).to(self._meta.dtype).split(counts)]
+                for layer, meta in zip(self._entry_layers(), (self._meta.mc, self._meta.mi))]
+        return list(zip(read[0], read[1] if len(read) > 1 else [None] * len(counts)))
 
     def memo(self, key: tuple, make: Callable[[], _T]) -> _T:
         return self.inputs.cached((id(self._meta.mw), *key), make)
@@ -249,6 +263,14 @@ class PagedKV(nn.Module):
         table = mw.block_table  # type: ignore[attr-defined]
         return self.inputs.cached(("rows", id(mw), seg.req, first, end), lambda: _locate(
             cache, table[seg.req], torch.arange(first, end, device=cache.device)))
+
+    def _gather(self, layer: nn.Module, meta: object, spans: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+        """The states of ``spans`` (request, first, end) of ``layer`` (its group's metadata ``meta``),
+        concatenated ``[sum of lengths, width]`` fp32; where they are is computed once per step."""
+        cache, table = layer.kv_cache, meta.block_table  # type: ignore[attr-defined]
+        blk, off = self.inputs.cached(("spans", id(meta), cache.shape[2], spans),
+                                      lambda: _locate_spans(cache, table, spans))
+        return cache[blk, 0, off]
 
     def _entries_at(self, layer: nn.Module, meta: object, seg: Segment, first: int,
                     end: int) -> tuple[torch.Tensor, torch.Tensor]:
