@@ -84,8 +84,8 @@ class Attention(nn.Module):
         cache.write(Rows(kv, comp, index))
         if not segments:
             return x.new_zeros(x.shape)
-        # The entries completed in this step are pooled and stored first, then every request's window rows
-        # and entries are read in one go (the paged store gathers them with one index op, not one per request).
+        # Every request's window rows, then (once the entries that end in this step are pooled and stored)
+        # every request's entries are read in one call each: the paged store gathers them with one index op.
         firsts = [max(0, sg.s - self.cfg.window_size + 1) for sg in segments]
         windows = cache.windows(segments, firsts)                                  # positions first..e-1
         entries = self._entries(cache, segments, xs) if self.ratio > 0 else [None] * len(segments)
@@ -111,12 +111,12 @@ class Attention(nn.Module):
         ``[B, S, H, d]`` (still roped)."""
         mask = cache.memo(("window", sg), lambda: self.window_mask(pos, first, sg.e))
         if entries is not None:
-            entries, index_keys = entries
-            n = entries.shape[1]
+            pooled, index_keys = entries
+            n = pooled.shape[1]
             picked = cache.memo(("visible", sg, self.ratio), lambda: self.entry_visibility(pos, n)[None])
             if index_q is not None:                                                # CSA: indexer's top-k
                 picked = self.indexer.pick(*index_q, index_keys, picked)
-            keys = torch.cat((keys, entries), dim=1)
+            keys = torch.cat((keys, pooled), dim=1)
             mask = torch.cat((mask.expand(picked.shape[0], -1, -1), picked), dim=-1)
         cache.release(sg, sg.e - history(self.cfg, self.ratio))
         return dispatch.sink_attention(q, keys, mask, self.attn_sink, self.cfg.head_dim ** -0.5)
