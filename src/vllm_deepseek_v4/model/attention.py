@@ -86,39 +86,42 @@ class Attention(nn.Module):
             return x.new_zeros(x.shape)
         # Every request's window rows, then (once the entries that end in this step are pooled and stored)
         # every request's entries are read in one call each: the paged store gathers them with one index op.
+        # The masks depend only on the step's positions: the paged store shares them between layers.
         firsts = [max(0, sg.s - self.cfg.window_size + 1) for sg in segments]
         windows = cache.windows(segments, firsts)                                  # positions first..e-1
-        entries = self._entries(cache, segments, xs) if self.ratio > 0 else [None] * len(segments)
+        masks = cache.memo(("window", self.cfg.window_size), lambda: [
+            self.window_mask(pos[sg.a:sg.b], f, sg.e) for sg, f in zip(segments, firsts)])
+        entries: list[Entries | None] = [None] * len(segments)
+        visible: list[torch.Tensor | None] = [None] * len(segments)
+        if self.ratio > 0:
+            entries = list(self._entries(cache, segments, xs))
+            visible = list(cache.memo(("visible", self.ratio), lambda: [
+                self.entry_visibility(pos[sg.a:sg.b], sg.e // self.ratio)[None] for sg in segments]))
         # Only the indexer's scores and the sink attention read a request's own keys; the index queries, RoPE
         # undoing and the output projections are per token, so they run once over the whole step (one GEMM
         # each, not one per request).
         index_q = self.indexer.queries(xs, qr, pos) if self.ratio == CSA_RATIO else None
         heads = []
-        for sg, first, keys, ent in zip(segments, firsts, windows, entries):
+        for sg, keys, mask, ent, vis in zip(segments, windows, masks, entries, visible):
             span = slice(sg.a, sg.b)
             iq = None if index_q is None else (index_q[0][:, span], index_q[1][:, span])
-            heads.append(self._segment(cache, sg, first, keys, ent, q[:, span], pos[span], iq))
+            heads.append(self._segment(q[:, span], keys, mask, ent, vis, iq))
+            cache.release(sg, sg.e - history(self.cfg, self.ratio))
         out = self.output(heads[0] if len(heads) == 1 else torch.cat(heads, dim=1), pos)
         if x.shape[1] > T:                  # vLLM's padding tokens
             out = torch.cat((out, x.new_zeros(x.shape[0], x.shape[1] - T, out.shape[-1])), dim=1)
         return out
 
-    def _segment(self, cache: KVStore, sg: Segment, first: int, keys: torch.Tensor, entries: Entries | None,
-                 q: torch.Tensor, pos: torch.Tensor, index_q: tuple[torch.Tensor, torch.Tensor] | None
-                 ) -> torch.Tensor:
-        """One request's queries (``q`` and on CSA layers the indexer's ``index_q``, at ``pos``) over its window
-        (``keys``: positions ``first .. sg.e - 1``) and compressed ``entries`` -> the heads' attention outputs
-        ``[B, S, H, d]`` (still roped)."""
-        mask = cache.memo(("window", sg), lambda: self.window_mask(pos, first, sg.e))
-        if entries is not None:
+    def _segment(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, entries: Entries | None,
+                 visible: torch.Tensor | None, index_q: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """One request's queries ``q [B, S, H, d]`` over its window ``keys`` (``mask``) and, on compressed
+        layers, its ``entries`` (those ``visible``; on CSA layers the indexer's top-k of them for its
+        ``index_q``) -> the heads' attention outputs ``[B, S, H, d]`` (still roped)."""
+        if entries is not None and visible is not None:
             pooled, index_keys = entries
-            n = pooled.shape[1]
-            picked = cache.memo(("visible", sg, self.ratio), lambda: self.entry_visibility(pos, n)[None])
-            if index_q is not None:                                                # CSA: indexer's top-k
-                picked = self.indexer.pick(*index_q, index_keys, picked)
+            picked = visible if index_q is None else self.indexer.pick(*index_q, index_keys, visible)
             keys = torch.cat((keys, pooled), dim=1)
             mask = torch.cat((mask.expand(picked.shape[0], -1, -1), picked), dim=-1)
-        cache.release(sg, sg.e - history(self.cfg, self.ratio))
         return dispatch.sink_attention(q, keys, mask, self.attn_sink, self.cfg.head_dim ** -0.5)
 
     def _entries(self, cache: KVStore, segments: list[Segment], x: torch.Tensor) -> list[Entries]:
