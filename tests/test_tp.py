@@ -151,18 +151,32 @@ def assert_matches(ranks: list[dict[str, Any]], want: dict[str, Any]) -> None:
         torch.testing.assert_close(got["draft"], want["draft"], rtol=1e-5, atol=1e-5)
 
 
-def assert_bytes_bound(per_rank: list[dict[str, int]], full: dict[str, int], tp: int) -> None:
-    """Each rank: its split share is exactly 1/tp of the unsharded split bytes, the whole part unchanged."""
-    for got in per_rank:
-        assert got["whole"] == full["whole"]
-        assert got["split"] * tp == full["split"]
+def assert_bytes_bound(per_rank: list[dict[str, int]] | list[int], full: dict[str, int], tp: int) -> None:
+    """Each rank holds exactly 1/tp of the unsharded split bytes plus the whole (replicated) part: per part where
+    the rank's bytes come as ``param_bytes``' ``{"whole", "split"}`` (the ranks here), as the sum where only the
+    total is measured (vLLM's workers: ``vllm_plugin.model.rank_report``)."""
+    assert full["split"] % tp == 0, f"{full['split']} split bytes do not divide over {tp} ranks"
+    share = {"whole": full["whole"], "split": full["split"] // tp}
+    for r, got in enumerate(per_rank):
+        want = share if isinstance(got, dict) else share["whole"] + share["split"]
+        assert got == want, f"rank {r}: {got} bytes, expected {want} (unsharded: {full}, tp={tp})"
 
 
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory):
     path = vs.write_model(tmp_path_factory.mktemp("tp_tiny"), vs.seeded_model(1, agree=0.15))
+    return (path, *reference(path))
+
+
+def reference(path: Path | str) -> tuple[dict[str, Any], DSV4Model]:
+    """The unsharded model's ``decode`` result, and the model."""
     ref = vs.reference_model(path)
-    return path, decode(ref, PROMPT, N), ref
+    return decode(ref, PROMPT, N), ref
+
+
+def tp_friendly_model() -> DSV4Model:
+    """A seeded model of the ``TP_OVERRIDES`` config whose MTP is a good-but-imperfect draft."""
+    return vs.agreeable(make_model(make_config(**TP_OVERRIDES), seed=1), eps=0.15)
 
 
 @pytest.mark.parametrize("ep", [False, True])
@@ -185,21 +199,8 @@ def test_shipped_tiny_model_tp2_ep_equals_unsharded():
 
 @pytest.fixture(scope="module")
 def tp_zoo(tmp_path_factory):
-    """Zoo layouts written from a seeded model of the TP-friendly config; made on demand with their reference."""
-    src = vs.write_model(tmp_path_factory.mktemp("tp_zoo_src"),
-                         vs.agreeable(make_model(make_config(**TP_OVERRIDES), seed=1), eps=0.15))
-    floats, raw_cfg, cfg = build_zoo.read_source(str(src))
-    out = tmp_path_factory.mktemp("tp_zoo")
-    cache: dict[str, Any] = {}
-
-    def get(name: str):
-        if name not in cache:
-            path = out / name
-            build_zoo.write_layout(path, name, floats, raw_cfg, cfg)
-            ref = vs.reference_model(path)
-            cache[name] = (path, decode(ref, PROMPT, N), ref)
-        return cache[name]
-    return get
+    """Zoo layouts written from ``tp_friendly_model``; made on demand with their reference."""
+    return vs.zoo_layouts(tmp_path_factory, tp_friendly_model(), reference)
 
 
 @pytest.mark.slow

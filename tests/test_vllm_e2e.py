@@ -140,19 +140,7 @@ ZOO = [name for name, layout in build_zoo.LAYOUTS.items() if layout.has_mtp]
 @pytest.fixture(scope="module")
 def layout_artifacts(tmp_path_factory):
     """The zoo built from one seeded model whose MTP is a good-but-imperfect draft; layouts made on demand."""
-    src = vs.write_model(tmp_path_factory.mktemp("zoo_src"), vs.seeded_model(1, agree=0.15))
-    floats, raw_cfg, cfg = build_zoo.read_source(str(src))
-    out = tmp_path_factory.mktemp("zoo")
-    cache: dict[str, Any] = {}
-
-    def get(name: str):
-        if name not in cache:
-            path = out / name
-            build_zoo.write_layout(path, name, floats, raw_cfg, cfg)
-            build_zoo.check_layout(path, name, load=False)
-            cache[name] = (path, *expected(path))
-        return cache[name]
-    return get
+    return vs.zoo_layouts(tmp_path_factory, vs.seeded_model(1, agree=0.15), expected, check=True)
 
 
 def _schemes(worker: Any) -> dict[str, Any]:
@@ -204,7 +192,7 @@ def two_cpus(monkeypatch):
 def _tp2_serves_the_reference(path, ref, prompts, want, ep: bool) -> None:
     """TP 2 (+ EP) with MTP k = 2: the reference's greedy output and replayed acceptance; every rank holds
     exactly its split share plus the replicated parameters (SHARD_RULES), measured in the workers."""
-    from test_tp import param_bytes
+    from test_tp import assert_bytes_bound, param_bytes
     from vllm_deepseek_v4.vllm_plugin.model import rank_report
 
     with vs.engine(path, 2, tensor_parallel_size=2, enable_expert_parallel=ep) as llm:
@@ -214,9 +202,8 @@ def _tp2_serves_the_reference(path, ref, prompts, want, ep: bool) -> None:
         ranks = llm.collective_rpc(rank_report)
     assert got == [w[:N] for w in want]
     assert counters == vs.sum_counters([vs.replay_acceptance(ref, p, w, 2, N) for p, w in zip(prompts, want)], 2)
-    full = param_bytes(ref, ep)
     assert sorted(r["tp_rank"] for r in ranks) == [0, 1] and {r["ep_size"] for r in ranks} == {2 if ep else 1}
-    assert [r["bytes"] for r in ranks] == [full["whole"] + full["split"] // 2] * 2
+    assert_bytes_bound([r["bytes"] for r in ranks], param_bytes(ref, ep), 2)
 
 
 def test_tensor_parallel_2_shards_the_shipped_tiny_model(two_cpus):
@@ -231,19 +218,9 @@ def test_tensor_parallel_2_shards_the_shipped_tiny_model(two_cpus):
 @pytest.fixture(scope="module")
 def tp_layouts(tmp_path_factory):
     """Zoo layouts of a seeded model in test_tp's TP-friendly config (FP8/FP4 blocks stay whole at TP 2)."""
-    from test_tp import TP_OVERRIDES
-    from tiny import make_config, make_model
+    from test_tp import tp_friendly_model
 
-    src = vs.write_model(tmp_path_factory.mktemp("tp_src"),
-                         vs.agreeable(make_model(make_config(**TP_OVERRIDES), seed=1), eps=0.15))
-    floats, raw_cfg, cfg = build_zoo.read_source(str(src))
-    out = tmp_path_factory.mktemp("tp_zoo")
-
-    def get(name: str):
-        path = out / name
-        build_zoo.write_layout(path, name, floats, raw_cfg, cfg)
-        return (path, *expected(path))
-    return get
+    return vs.zoo_layouts(tmp_path_factory, tp_friendly_model(), expected)
 
 
 @pytest.mark.parametrize("layout, ep", [("upstream_fp8_mxfp4", True), ("nvfp4_trunk_nvfp4_mtp", False)])

@@ -81,6 +81,27 @@ def seeded_model(seed: int = 0, *, agree: float | None = None) -> DSV4Model:
     return agreeable(model, eps=agree) if agree is not None else model
 
 
+def zoo_layouts(tmp_path_factory: Any, model: DSV4Model, reference: Callable[[Path], tuple],
+                *, check: bool = False) -> Callable[[str], tuple]:
+    """``get(name)``: zoo layout ``name`` (``devtools.zoo``) of ``model``, written on first use (``check``: then
+    ``zoo.check_layout`` without loading) and returned as ``(path, *reference(path))``, cached per name."""
+    from vllm_deepseek_v4.devtools import zoo
+
+    floats, raw_cfg, cfg = zoo.read_source(str(write_model(tmp_path_factory.mktemp("zoo_src"), model)))
+    out = tmp_path_factory.mktemp("zoo")
+    cache: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in cache:
+            path = out / name
+            zoo.write_layout(path, name, floats, raw_cfg, cfg)
+            if check:
+                zoo.check_layout(path, name, load=False)
+            cache[name] = (path, *reference(path))
+        return cache[name]
+    return get
+
+
 # ---- the portable reference ----
 def reference_model(path: Path | str, include_mtp: bool = True) -> DSV4Model:
     model, _ = load_model(str(path), dtype=torch.float32, progress=False, include_mtp=include_mtp)
@@ -282,4 +303,4 @@ def cfg_of(path: Path | str) -> DSV4Config:
 
 __all__ = ["PROMPTS", "agreeable", "on_disk_tensors", "write_model", "seeded_model", "reference_model", "greedy",
            "replay_acceptance", "make_llm", "engine", "on_worker", "generate", "spec_counters", "diff_counters",
-           "sum_counters", "load_registered_native", "cfg_of"]
+           "sum_counters", "load_registered_native", "zoo_layouts", "cfg_of"]
