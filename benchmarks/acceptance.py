@@ -81,14 +81,16 @@ def plot(rows: list[dict], out: str) -> list[str]:
     if spec:
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
         width = 0.8 / max(kmax, 1)
+        top = {n: max((r["k"] for r in spec if r["layout"] == n), default=0) for n in names}
         for pos in range(kmax):
-            vals = [next((r["per_position_list"][pos] for r in spec if r["layout"] == n and r["k"] == kmax
+            # each layout at its own largest K: a zoo run at k = 1 only must not read as 0 at k = kmax
+            vals = [next((r["per_position_list"][pos] for r in spec if r["layout"] == n and r["k"] == top[n]
                           and len(r["per_position_list"]) > pos), 0.0) for n in names]
             ax.bar([i + pos * width for i in range(len(names))], vals, width, label=f"position {pos}")
         ax.set_xticks([i + width * (kmax - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
         ax.set_ylabel("acceptance (greedy)")
         ax.set_ylim(0, 1)
-        ax.set_title(f"Per-position MTP acceptance, k = {kmax}")
+        ax.set_title(f"Per-position MTP acceptance, T = 0, each layout at its largest k (<= {kmax})")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out + "_per_position.png", dpi=110)
