@@ -8,13 +8,15 @@ per-request seeds, so the samples are independent). Compared with chi-square tes
   and the joint of tokens (1, 2) (token 2 is where the rejection sampler first acts);
 - two-sample, against the no-speculation sample: the marginals of tokens 1..3 and the joints (1, 2), (2, 3).
 
-Negative control: a sampler whose temperature is off by 10 % (no speculation at ``T = 0.88``) must fail the same
-family of tests: the marginal of token 1 against the exact law and against the no-speculation sample must
-each reject at the per-test alpha (measured at N = 2000: p = 7e-13 and 1e-5; the joints of tokens (1, 2) gave
-1e-6 and 4e-5, but at N = 1500 only 1e-4 and 4e-3, as their many small cells are pooled). Every p-value is
-printed (``pytest -s``). Runtime: three engine start-ups and 8,000 requests of 3 tokens -- 7 min on the shared
-2-core box under a load of ~15, 4 min 20 s under ~8, hence ``slow``; a 1,000-request pass took 12 s on it when
-idle. Two runs gave identical p-values (the draft's sampling is seeded by the engine).
+Negative control: a sampler whose temperature is off by 10 % -- ``N`` seeded draws of tokens (1, 2) from the
+exact joint law at ``T = 0.88`` (token 1 from its marginal, token 2 from its row) -- must fail the same family
+of tests: the marginal of token 1 against the exact law and against the no-speculation sample must each reject
+at the per-test alpha (p = 2.4e-13 and 7.4e-6; vLLM itself sampling at 0.88 gave 7e-13 and 1e-5). Drawing the
+wrong sample from the law instead of a fourth vLLM pass saves ~24 s; what is under test there is the
+statistics' power, not vLLM. Every p-value is printed (``pytest -s``). Runtime: three engine start-ups and
+6,000 requests of 3 tokens; on the idle 2-core box the 8,000-request version took 139 s (2,000 requests ~24 s
+without speculation, ~34 s with), and under a load of ~5 this one took 12 min -- hence ``slow``. Two runs gave
+identical p-values (the draft's sampling is seeded by the engine).
 
 Bonferroni over all ``TESTS`` comparisons of correct samplers at family-wise ``ALPHA``: under the null
 hypothesis a seed choice makes this test fail with probability <= ``ALPHA`` (= 1 %); the seeds are fixed, so a
@@ -94,8 +96,8 @@ def project(samples: list[tuple[int, ...]], positions: tuple[int, ...]) -> Count
 
 
 @torch.no_grad()
-def exact_law(model, prompt: list[int], temperature: float) -> dict[tuple[int, ...], dict]:
-    """The exact laws of token 1, token 2 and (token 1, token 2) after ``prompt`` at ``temperature``."""
+def joint_law(model, prompt: list[int], temperature: float) -> torch.Tensor:
+    """``[V, V]``: the exact joint law of tokens (1, 2) after ``prompt`` at ``temperature`` (float64)."""
     from vllm_deepseek_v4.model.speculative import sampling_probs
 
     logits, _ = model(torch.tensor([prompt]))
@@ -106,10 +108,24 @@ def exact_law(model, prompt: list[int], temperature: float) -> dict[tuple[int, .
         ids = torch.cat((torch.tensor(prompt).expand(len(chunk), -1), chunk[:, None]), 1)
         step, _ = model(ids)
         joint[chunk] = p1[chunk, None] * sampling_probs(step[:, -1].double(), temperature).double()
+    return joint
+
+
+def exact_law(joint: torch.Tensor) -> dict[tuple[int, ...], dict]:
+    """The laws of token 1, token 2 and (token 1, token 2) as the statistics read them (the joint's cells
+    too small to matter at ``N`` are left out: they fall into the pooled cell)."""
     nz = (joint * N >= 1e-3).nonzero().tolist()
-    return {(0,): {(i,): float(v) for i, v in enumerate(p1)},
+    return {(0,): {(i,): float(v) for i, v in enumerate(joint.sum(1))},
             (1,): {(i,): float(v) for i, v in enumerate(joint.sum(0))},
             (0, 1): {(i, j): float(joint[i, j]) for i, j in nz}}
+
+
+def sample_law(joint: torch.Tensor, seed: int) -> list[tuple[int, int]]:
+    """``N`` seeded draws of tokens (1, 2) from the whole ``joint``: token 1 from its marginal, token 2 from
+    its row (a truncated joint would drop the tail where a hotter law differs, and hide the error)."""
+    g = torch.Generator().manual_seed(seed)
+    firsts = torch.multinomial(joint.sum(1), N, replacement=True, generator=g).tolist()
+    return [(a, int(torch.multinomial(joint[a], 1, generator=g))) for a in firsts]
 
 
 def sample(llm, prompt: list[int], temperature: float, seed0: int) -> list[tuple[int, ...]]:
@@ -134,7 +150,6 @@ def runs() -> dict:
     try:
         with vs.engine(path, 0, max_num_seqs=512, max_model_len=64) as llm:
             out["none"] = sample(llm, prompt, TEMPERATURE, 0)
-            out["wrong"] = sample(llm, prompt, WRONG_TEMPERATURE, N)
         for j, method in enumerate(METHODS, 2):
             spec = {"method": "mtp", "num_speculative_tokens": K, "draft_sample_method": method}
             with vs.engine(path, 0, max_num_seqs=512, max_model_len=64, speculative_config=spec) as llm:
@@ -144,15 +159,18 @@ def runs() -> dict:
     finally:
         torch.set_num_threads = set_threads               # the CPU worker stubs it out for the process
         set_threads(before_threads)
-    out["exact"] = exact_law(vs.reference_model(path), prompt, TEMPERATURE)
+    model = vs.reference_model(path)
+    out["exact"] = exact_law(joint_law(model, prompt, TEMPERATURE))
+    out["wrong"] = sample_law(joint_law(model, prompt, WRONG_TEMPERATURE), seed=N)      # tokens 1 and 2
     return out
 
 
 def p_values(runs: dict, name: str) -> dict[str, float]:
+    n_tokens = len(runs[name][0])                          # the negative control draws tokens 1 and 2 only
     got = {f"exact {pos}": one_sample_p(project(runs[name], pos), runs["exact"][pos], N) for pos in ONE_SAMPLE}
     if name != "none":
         got.update({f"vs no-spec {pos}": two_sample_p(project(runs[name], pos), project(runs["none"], pos))
-                    for pos in TWO_SAMPLE})
+                    for pos in TWO_SAMPLE if max(pos) < n_tokens})
     print(f"\n{name} (T={WRONG_TEMPERATURE if name == 'wrong' else TEMPERATURE}, N={N}): "
           + ", ".join(f"{k}: p={v:.3g}" for k, v in got.items()) + f"  [per-test alpha {PER_TEST_ALPHA:.2g}]")
     return got
