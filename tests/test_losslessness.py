@@ -14,8 +14,8 @@ of tests: the marginal of token 1 against the exact law and against the no-specu
 at the per-test alpha (p = 2.4e-13 and 7.4e-6; vLLM itself sampling at 0.88 gave 7e-13 and 1e-5). Drawing the
 wrong sample from the law instead of a fourth vLLM pass saves ~24 s; what is under test there is the
 statistics' power, not vLLM. Every p-value is printed (``pytest -s``). Runtime: three engine start-ups and
-6,000 requests of 3 tokens; on the idle 2-core box the 8,000-request version took 139 s (2,000 requests ~24 s
-without speculation, ~34 s with), and under a load of ~5 this one took 12 min -- hence ``slow``. Two runs gave
+6,000 requests of 3 tokens: 88 s for the whole module on the idle 2-core box (139 s before the control was
+drawn from the law and the attention's per-step work was hoisted), 12 min under a load of ~5 -- hence ``slow``. Two runs gave
 identical p-values (the draft's sampling is seeded by the engine).
 
 Bonferroni over all ``TESTS`` comparisons of correct samplers at family-wise ``ALPHA``: under the null
