@@ -77,6 +77,17 @@ def file_bytes(base: str, file: str) -> bytes:
     return (bases()[base].path / file).read_bytes()
 
 
+def verify_replaced(base: Path, tmp: Path, name: str, doc: Any) -> tuple[Path, int, str]:
+    """A copy of ``base`` whose ``name`` is the JSON ``doc``, and what ``dsv4 verify`` says of it: exit 0 or 1,
+    never a traceback."""
+    d = copy_base(base, tmp / "a")
+    (d / name).unlink()                 # a fresh file, never written through into the base
+    (d / name).write_text(json.dumps(doc))
+    rc, text = verify(d)
+    assert rc in (0, 1) and "Traceback" not in text, text
+    return d, rc, text
+
+
 def loaded(path: Path) -> dict[str, bytes]:
     """Every tensor the plan of ``path`` streams, as raw bytes (canonical names: the bases use upstream names)."""
     from vllm_deepseek_v4.loader.plan import build_plan
@@ -207,11 +218,8 @@ def test_index_mutations_are_refused_or_plan_the_same_tensors(tmp_path_factory, 
     """A ``./``-prefixed file or an unchanged move is the same artifact; anything else is refused in one line
     naming the index, a shard or a tensor."""
     what, index = mutation
-    d = copy_base(bases()["quant"].path, tmp_path_factory.mktemp("i") / "a")
-    (d / "model.safetensors.index.json").unlink()
-    (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    rc, text = verify(d)
-    assert rc in (0, 1) and "Traceback" not in text, text
+    d, rc, text = verify_replaced(bases()["quant"].path, tmp_path_factory.mktemp("i"), "model.safetensors.index.json",
+                                  index)
     if rc == 1:
         assert re.search(r"(index\.json|\.safetensors)\b", text.strip().splitlines()[0]), f"{what}: {text}"
         return
@@ -259,11 +267,7 @@ def test_config_mutations_are_refused_or_plan_the_same_tensors(tmp_path_factory,
     from vllm_deepseek_v4.model import build_model
 
     what, cfg = mutation
-    d = copy_base(bases()["tiny"].path, tmp_path_factory.mktemp("c") / "a")
-    (d / "config.json").unlink()
-    (d / "config.json").write_text(json.dumps(cfg))
-    rc, text = verify(d)
-    assert rc in (0, 1) and "Traceback" not in text, text
+    d, rc, text = verify_replaced(bases()["tiny"].path, tmp_path_factory.mktemp("c"), "config.json", cfg)
     if rc == 1:
         lines = text.strip().splitlines()
         assert "config.json" in lines[0] or re.match(r"^[\w./-]+: ", lines[0]), f"{what}: {text}"
