@@ -134,3 +134,71 @@ def test_the_planner_needs_only_the_standard_library():
 def test_module_is_at_most_450_lines(module):
     n = len(MODULES[module].read_text(encoding="utf-8").splitlines())
     assert n <= MAX_LINES, f"{MODULES[module].relative_to(ROOT.parent)}: {n} lines (at most {MAX_LINES})"
+
+
+# ---- every name imported from our package exists (benchmarks and scripts have no other test of this) ----
+REPO = ROOT.parents[1]
+CALLERS = sorted(p for d in ("src", "tests", "scripts", "benchmarks") for p in (REPO / d).rglob("*.py"))
+
+
+def bound_names(module: str) -> set[str] | None:
+    """Names ``module`` binds at its top level (inside top-level ``if``/``try`` too); None when it has a
+    module ``__getattr__`` (any name may resolve lazily)."""
+    names: set[str] = set()
+    todo = list(_parsed(module).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {a.asname or a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            todo += node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", [])
+            todo += [n for h in getattr(node, "handlers", []) for n in h.body]
+    return None if "__getattr__" in names else names
+
+
+def missing_imports(path: Path, repo: Path = REPO) -> list[str]:
+    """``from <our module> import name`` / ``import <our module>`` anywhere in ``path`` that names nothing."""
+    is_src = ROOT in path.parents
+    own = module_name(path) if is_src else ""
+    rel = path.relative_to(repo)
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level and not is_src:
+                continue                                      # tests' / scripts' own relative helpers
+            target = _absolute(own, path.name == "__init__.py", node) if node.level else node.module or ""
+            if target.split(".")[0] != PACKAGE:
+                continue
+            if target not in MODULES:
+                out.append(f"{rel}:{node.lineno}: no module {target}")
+                continue
+            bound = bound_names(target)
+            out += [f"{rel}:{node.lineno}: {target} has no {a.name}" for a in node.names
+                    if a.name != "*" and f"{target}.{a.name}" not in MODULES and bound is not None
+                    and a.name not in bound]
+        elif isinstance(node, ast.Import):
+            out += [f"{rel}:{node.lineno}: no module {a.name}" for a in node.names
+                    if a.name.split(".")[0] == PACKAGE and a.name not in MODULES]
+    return out
+
+
+def test_every_name_imported_from_the_package_exists():
+    """A name moved or renamed in ``src`` must not leave a benchmark or script importing it lazily (in a child
+    process or a function, where only running it would tell): ``benchmarks/native_load.py`` did, for weeks."""
+    assert missing_imports(ROOT / "native" / "build.py") == []                  # the walker sees relative imports
+    bad = [line for p in CALLERS for line in missing_imports(p)]
+    assert bad == [], "\n".join(bad)
+
+
+def test_missing_imports_are_found(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"def f():\n    from {PACKAGE}.native.session import _extra_ignored\n"
+                     f"    from {PACKAGE}.native.quant_config import extra_ignored\n    import {PACKAGE}.nope\n")
+    assert [line.split(": ", 1)[1] for line in missing_imports(probe, tmp_path)] == [
+        f"{PACKAGE}.native.session has no _extra_ignored", f"no module {PACKAGE}.nope"]
+
