@@ -169,7 +169,7 @@ def test_indexer_picks_topk_among_completed_entries(model: DSV4Model) -> None:
     keys = _entries(attn.indexer.compressor, x)
     visible = torch.arange(keys.shape[1])[None, :] < ((pos + 1) // 4)[:, None]
     assert torch.equal(attn.entry_visibility(pos, keys.shape[1]), visible)
-    picked = attn.indexer.select(x, qr, keys, pos, visible[None])[0]          # [T, n]
+    picked = attn.indexer.pick(*attn.indexer.queries(x, qr, pos), keys, visible[None])[0]   # [T, n]
     assert not (picked & ~visible).any()
     assert picked.sum(-1).tolist() == visible.sum(-1).clamp(max=4).tolist()
 

@@ -91,12 +91,6 @@ class Indexer(nn.Module):
         self.compressor = Compressor(cfg, CSA_RATIO, self.head_dim, scheme_of(schemes, "attn.indexer.compressor"),
                                      dtype=dtype)
 
-    def select(self, x: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
-               visible: torch.Tensor) -> torch.Tensor:
-        """Top-k of ``keys [B, n, ID]`` for the queries ``x``, ``qr`` at ``pos [S]``, among the entries each
-        query may see (``visible [1|B, S, n]``, ``Attention.entry_visibility``) -> mask ``[B, S, n]``."""
-        return self.pick(*self.queries(x, qr, pos), keys, visible)
-
     def queries(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token, so attention runs it once per step: the roped index queries ``[B, S, IH, ID]`` and their
         heads' fp32 score weights ``[B, S, IH]``."""
@@ -107,7 +101,8 @@ class Indexer(nn.Module):
         return q, w
 
     def pick(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """:meth:`select` given one request's :meth:`queries` ``q``, ``w``."""
+        """Top-k of one request's ``keys [B, n, ID]`` for its :meth:`queries` ``q``, ``w``, among the entries each
+        query may see (``visible [1|B, S, n]``, ``Attention.entry_visibility``) -> mask ``[B, S, n]``."""
         B, S = q.shape[:2]
         n = keys.shape[1]
         scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
