@@ -187,6 +187,19 @@ def test_missing_shard_error_names_shard_and_index(tmp_path: Path) -> None:
         scan_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("file", ["\r", "m-\n2.safetensors", "a\x00b", "\x1b[31mm-2.safetensors"])
+def test_shard_name_with_control_characters_is_refused_on_one_line(tmp_path: Path, file: str) -> None:
+    """Printed raw, the name would split the message (newline), hide its start (carriage return) or drive the
+    terminal (escape): the index entry is refused, the name shown as its repr (found by test_fuzz's index
+    mutations)."""
+    two_shards(tmp_path)
+    edit_index(tmp_path, lambda wmap: wmap.update({"b.w": file}))
+    with pytest.raises(CheckpointError, match=msg(
+            tmp_path / INDEX, "b.w",
+            f"bad weight_map entry: expected a printable file name inside the artifact folder, found {file!r}")):
+        scan_checkpoint(tmp_path)
+
+
 # (edit of the index's weight_map, shard the error names, tensor it names, reason)
 INDEX_EDITS = {
     "listed in index, missing from shard": (

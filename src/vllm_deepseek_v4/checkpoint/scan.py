@@ -65,13 +65,15 @@ def _read_index(path: str) -> tuple[dict[str, str], set[str]]:
     if files is None or not all(map(_inside, files)):
         name, rel = next((name, rel) for name, rel in wmap.items() if not _inside(rel))
         raise CheckpointError("bad weight_map entry", file=path, tensor=name,
-                              expected="a file name inside the artifact folder", found=repr(rel))
+                              expected="a printable file name inside the artifact folder", found=repr(rel))
     return wmap, files
 
 
 def _inside(rel: object) -> bool:
-    """True for a relative file name that stays inside the artifact folder (and is not the folder itself)."""
-    return (isinstance(rel, str) and not os.path.isabs(rel) and os.path.normpath(rel) != "."
+    """True for a relative file name that stays inside the artifact folder (and is not the folder itself).
+    Control characters are refused: printed in a message, a newline or carriage return would split or hide
+    the one line that names the problem."""
+    return (isinstance(rel, str) and rel.isprintable() and not os.path.isabs(rel) and os.path.normpath(rel) != "."
             and not os.path.normpath(rel).startswith(".."))
 
 
