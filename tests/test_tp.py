@@ -28,6 +28,7 @@ from vllm_deepseek_v4.loader.load import check_filled, schemes_from_plan
 from vllm_deepseek_v4.loader.plan import build_plan
 from vllm_deepseek_v4.loader.sharding import EXPERT, REPLICATED, shard_rule
 from vllm_deepseek_v4.model import DSV4Model, QLinear
+from vllm_deepseek_v4.model.moe import MoE
 from vllm_deepseek_v4.quant import SCHEMES
 from vllm_deepseek_v4.model.parallel import Parallel
 from vllm_deepseek_v4.vllm_plugin.weights import PlanRouter, assign
@@ -185,6 +186,26 @@ def test_tiny_model_tp2_equals_unsharded(tiny_artifact, ep):
     ranks, sizes = run_ranks(path, 2, ep)
     assert_matches(ranks, want)
     assert_bytes_bound(sizes, param_bytes(ref, ep), 2)
+
+
+@pytest.mark.parametrize("ep", [False, True])
+def test_each_rank_holds_its_experts_whole_under_ep_and_a_slice_of_every_expert_under_tp(tiny_artifact, ep):
+    """The bytes bound cannot tell EP from TP (E/2 whole experts weigh what E half-width experts weigh): check
+    which experts a rank holds and that they are the checkpoint's, trunk and MTP."""
+    path, _, ref = tiny_artifact
+    n_exp, inter = ref.cfg.n_routed_experts, ref.cfg.moe_inter_dim
+    moes = {name: m for name, m in ref.named_modules() if isinstance(m, MoE)}
+    assert any(name.startswith("mtp") for name in moes), sorted(moes)
+    for r in range(2):
+        model = load_rank(path, Parallel(tp_rank=r, tp_size=2, ep_rank=r if ep else 0, ep_size=2 if ep else 1))
+        for name, want in moes.items():
+            got = model.get_submodule(name)
+            ids = range(r * n_exp // 2, (r + 1) * n_exp // 2) if ep else range(n_exp)
+            rows = slice(None) if ep else slice(r * inter // 2, (r + 1) * inter // 2)
+            assert got.expert_ids == ids and len(got.experts) == len(ids), (name, r)
+            for j, e in zip(ids, got.experts):
+                assert torch.equal(e.w1.weight, want.experts[j].w1.weight[rows]), (name, r, j)
+                assert torch.equal(e.w2.weight, want.experts[j].w2.weight[:, rows]), (name, r, j)
 
 
 def test_shipped_tiny_model_tp2_ep_equals_unsharded():
