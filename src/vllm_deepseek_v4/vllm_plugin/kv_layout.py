@@ -11,7 +11,7 @@ Every attention layer (trunk and MTP) has up to three cache *layers* (``kv.Paged
 - ``…attn.kv_index`` (CSA layers): the indexer's key of entry ``w``, ``index_head_dim`` wide, likewise.
 
 vLLM's block pool has one page size (bytes per block per layer) for every layer. Instead of one row width for
-everything (the old layout: ~36x the content at the Flash config), each kind keeps its natural width and gets
+everything (the old layout: 39x the content at the Flash config), each kind keeps its natural width and gets
 its own *block size* (tokens per block) so that every page has the same number of bytes (:func:`cache_geometry`).
 Blocks are multiples of ``MIN_BLOCK`` tokens; vLLM keeps one block table per group and frees window blocks.
 The price: a prefix-cache hit lands on a multiple of the largest block (vLLM aligns hits to the least common
