@@ -201,6 +201,7 @@ def quant_cases(quant: Base) -> list[Case]:
     def c(id: str, fn: Callable, *expect: str, load: bool = False) -> Case:
         return Case("quant", id, "quant", edit_tensors(fn), (*expect,), load=load)
     fp8, mx, sh = "layers.1.attn.wq_a", "layers.1.ffn.experts.0.w1", "layers.1.ffn.shared_experts.w2"
+    wp = "layers.1.attn.indexer.weights_proj"
     return [
         c("fp8-scale-missing", _drop_t(f"{fp8}.scale"), f"{fp8}.weight", load=True),
         c("mxfp4-scale-missing", _drop_t(f"{mx}.scale"), f"{mx}.weight"),
@@ -217,7 +218,31 @@ def quant_cases(quant: Base) -> list[Case]:
         c("stray-input-scale", lambda t: t.__setitem__(f"{fp8}.input_scale", torch.ones(1)), f"{fp8}.input_scale"),
         c("fp8-weight-as-int8", _change(f"{fp8}.weight", lambda x: x.view(torch.int8)), f"{fp8}"),
         c("scale-without-weight", _drop_t(f"{fp8}.weight"), f"{fp8}"),
+        # well-formed modules the portable engine cannot build: a quant group mixing schemes (headers pass the
+        # plan, which is per module; verify and the load refuse, naming the odd module)
+        c("weights-proj-fp8", _quantize_fp8(f"{wp}.weight"), f"{wp}.weight", "quant group 'router'", load=True),
+        c("attn-layer-left-bf16", _dequantize_fp8(fp8), f"{fp8}.weight", "quant group 'attn'", load=True),
     ]
+
+
+def _quantize_fp8(weight: str) -> Callable[[dict], None]:
+    """A BF16 ``weight`` stored FP8 block (weight + e8m0 scale), as a quantizer that skips only ``ffn.gate`` does."""
+    def fn(t: dict) -> None:
+        from ..quant import fp8_block
+        for role, x in fp8_block.quantize(t[weight]).items():
+            t[weight[:-len("weight")] + role] = x
+    return fn
+
+
+def _dequantize_fp8(module: str) -> Callable[[dict], None]:
+    """An FP8 block ``module`` stored BF16 (a quantizer told to skip it)."""
+    def fn(t: dict) -> None:
+        import torch
+
+        from ..quant import fp8_block
+        w, s = t[f"{module}.weight"], t.pop(f"{module}.scale")
+        t[f"{module}.weight"] = fp8_block.dequantize({"weight": w, "scale": s}, *w.shape, torch.bfloat16)
+    return fn
 
 
 # ---- values: headers fine, one element bad (``dsv4 verify --values``, the load's value checks) ----

@@ -23,16 +23,12 @@ __all__ = ["schemes_from_plan", "load_model"]
 
 
 def schemes_from_plan(plan: LoadPlan) -> dict[str, dict[str, str]]:
-    """``{part: {group: scheme}}`` for the model builder; a group mixing schemes is refused by name."""
-    out: dict[str, dict[str, str]] = {}
-    for part, groups in plan.quant_report().items():
-        for group, scheme in groups.items():
-            if scheme.startswith("mixed:"):
-                bad = sorted(n for n, pp in plan.params.items() if pp.spec.part == part and pp.spec.group == group)
-                raise QuantMismatchError(file=plan.path, tensor=f"{part} {group}", expected="one scheme per group",
-                                         found=scheme, hint=f"modules: {', '.join(bad[:6])}")
-            out.setdefault(part, {})[group] = scheme
-    return out
+    """``{part: {group: scheme}}`` for the model builder; a group mixing schemes is refused by name
+    (``LoadPlan.one_scheme_problems``)."""
+    mixed = plan.one_scheme_problems()
+    if mixed:
+        raise QuantMismatchError(mixed[0].reason, file=mixed[0].file, tensor=mixed[0].tensor)
+    return {part: dict(groups) for part, groups in plan.quant_report().items()}
 
 
 def load_model(path: str, *, dtype: "torch.dtype | None" = None, include_mtp: bool = True,

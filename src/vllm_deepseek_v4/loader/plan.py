@@ -23,7 +23,7 @@ from ..naming import CONVENTIONS, Resolver, Rule
 from .account import SHARED, Found, account
 from .config_check import config_contradictions, quant_config_disagreements
 from .expected import ParamSpec, expected_params
-from .records import (FOREIGN_MTP, MTP_DROPPED, MTP_ONLY, NAMING, UNMAPPED, AnySource, ParamPlan,
+from .records import (FOREIGN_MTP, MTP_DROPPED, MTP_ONLY, NAMING, QUANT, UNMAPPED, AnySource, ParamPlan,
                       Problem, Source, part_of)
 
 __all__ = ["Source", "ParamPlan", "Problem", "LoadPlan", "build_plan"]
@@ -87,6 +87,30 @@ class LoadPlan:
                        for g, s in sorted(groups.items())}
                 for part, groups in sorted(seen.items(), key=lambda kv: (kv[0] != "main", kv[0]))}
 
+    def one_scheme_problems(self) -> list[Problem]:
+        """A quant group whose modules use several schemes, one problem per group and part. The plan is per
+        module (``dsv4 check-vllm`` says whether vLLM's own classes load such a mix), but the portable engine
+        builds every linear of a group in one scheme (``quant/groups.py``): ``verify`` and ``load_model`` refuse
+        it; ``inspect`` lists it as a warning."""
+        mixed = {(part, g) for part, groups in self.quant_report().items() for g, s in groups.items()
+                 if s.startswith("mixed:")}
+        modules: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for name, pp in self.params.items() if mixed else ():
+            if (pp.spec.part, pp.spec.group) in mixed:
+                modules[pp.spec.part, pp.spec.group][pp.scheme].append(name)
+        out = []
+        for (part, group), by_scheme in modules.items():
+            # name the rarer scheme's first module: the likelier odd one out
+            ranked = sorted(by_scheme.items(), key=lambda kv: (len(kv[1]), kv[0]))
+            (few, odd), (most, usual) = ranked[0], ranked[-1]
+            src = next(iter(self.params[odd[0]].roles.values()))
+            out.append(Problem(QUANT, part, src.tensor, src.file,
+                               f"{part} quant group '{group}' mixes {' and '.join(sorted(by_scheme))}: "
+                               f"{odd[0]} is {few} ({len(odd)} module(s)), {usual[0]} is {most} "
+                               f"({len(usual)}); the portable engine builds every linear of a group in one "
+                               "scheme (dsv4 check-vllm says whether vLLM's own classes load it)"))
+        return out
+
     def mtp_report(self, planned: set[str] | None = None) -> dict[str, Any]:
         """Whether the MTP draft is complete, and where its shared embed/head come from (``planned``: the
         parts that have parameters, if known)."""
@@ -113,7 +137,8 @@ class LoadPlan:
                 "mtp_layers": len(planned - {"main"}),
                 "unmapped": [p.as_json() for p in self.unmapped], "missing": [p.as_json() for p in self.missing],
                 "errors": [p.as_json() for p in self.errors], "mtp": self.mtp_report(planned),
-                "quant": self.quant_report(), "explained": self.explained, "warnings": self.warnings}
+                "quant": self.quant_report(), "explained": self.explained,
+                "warnings": self.warnings + [p.text for p in self.one_scheme_problems()]}
 
 
 def build_plan(path: str, *, cfg: DSV4Config | None = None, include_mtp: bool = True,
