@@ -87,12 +87,12 @@ class LoadPlan:
                        for g, s in sorted(groups.items())}
                 for part, groups in sorted(seen.items(), key=lambda kv: (kv[0] != "main", kv[0]))}
 
-    def one_scheme_problems(self) -> list[Problem]:
+    def one_scheme_problems(self, report: dict[str, dict[str, str]] | None = None) -> list[Problem]:
         """A quant group whose modules use several schemes, one problem per group and part. The plan is per
         module (``dsv4 check-vllm`` says whether vLLM's own classes load such a mix), but the portable engine
         builds every linear of a group in one scheme (``quant/groups.py``): ``verify`` and ``load_model`` refuse
-        it; ``inspect`` lists it as a warning."""
-        mixed = {(part, g) for part, groups in self.quant_report().items() for g, s in groups.items()
+        it; ``inspect`` lists it as a warning. ``report``: ``quant_report()``, if the caller has it already."""
+        mixed = {(part, g) for part, groups in (report or self.quant_report()).items() for g, s in groups.items()
                  if s.startswith("mixed:")}
         modules: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         for name, pp in self.params.items() if mixed else ():
@@ -131,14 +131,14 @@ class LoadPlan:
         return set(map(getter(ParamSpec, "part"), map(getter(ParamPlan, "spec"), self.params.values())))
 
     def to_json(self) -> dict[str, Any]:
-        ck, planned = self.checkpoint, self._parts()
+        ck, planned, quant = self.checkpoint, self._parts(), self.quant_report()
         return {"path": self.path, "ok": self.ok, "tensors": len(ck.tensors), "bytes": ck.total_bytes,
                 "files": len(ck.files), "naming": self.naming, "num_hidden_layers": self.cfg.n_layers,
                 "mtp_layers": len(planned - {"main"}),
                 "unmapped": [p.as_json() for p in self.unmapped], "missing": [p.as_json() for p in self.missing],
                 "errors": [p.as_json() for p in self.errors], "mtp": self.mtp_report(planned),
-                "quant": self.quant_report(), "explained": self.explained,
-                "warnings": self.warnings + [p.text for p in self.one_scheme_problems()]}
+                "quant": quant, "explained": self.explained,
+                "warnings": self.warnings + [p.text for p in self.one_scheme_problems(quant)]}
 
 
 def build_plan(path: str, *, cfg: DSV4Config | None = None, include_mtp: bool = True,
