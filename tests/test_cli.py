@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,18 @@ def test_verify_ok_prints_one_line(tmp_path, capsys):
     assert main(["verify", str(d)]) == 0
     assert capsys.readouterr().out.strip() == (f"{d}: OK (160 tensors, naming upstream, MTP complete; "
                                                 "headers checked; values not read -- use --values)")
+
+
+def test_verify_of_an_index_or_a_single_file_reads_the_config_beside_it(tmp_path, capsys):
+    """The scan accepts a folder, its index .json or one .safetensors file; the config is the folder's
+    (read as the config itself, a shard was "not valid JSON" and an index lacked num_hidden_layers)."""
+    from vllm_deepseek_v4.assets import tiny_model_path
+
+    d = make_checkpoint(tmp_path)
+    single = os.path.join(tiny_model_path(), "model.safetensors")
+    for path, tensors in ((d / "model.safetensors.index.json", 160), (single, 308)):
+        assert main(["verify", str(path)]) == 0, capsys.readouterr().out
+        assert capsys.readouterr().out.startswith(f"{path}: OK ({tensors} tensors, naming upstream, MTP complete;")
 
 
 def test_verify_lists_each_problem_on_one_line(tmp_path, capsys):

@@ -206,8 +206,14 @@ class DSV4Config:
 
 
 def load_config(path: str) -> DSV4Config:
-    """Read ``config.json`` from an artifact directory (or a path to the json itself)."""
-    p = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    """Read ``config.json`` from an artifact directory (or a path to the json itself).
+
+    A path to one ``.safetensors`` file or to an ``.index.json`` (what the checkpoint scan also accepts) reads
+    the ``config.json`` beside it: read as the config itself, a shard was reported as "not valid JSON" and an
+    index as a config without ``num_hidden_layers``."""
+    p = (os.path.join(path, "config.json") if os.path.isdir(path)
+         else os.path.join(os.path.dirname(path), "config.json") if path.endswith((".safetensors", ".index.json"))
+         else path)
     if not os.path.lexists(p):
         raise ConfigError("no config.json", file=p, expected="the artifact's config (every artifact needs one to plan "
                           "a load)", found="no such file")
