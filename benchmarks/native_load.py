@@ -11,9 +11,11 @@ Each measurement runs in its own child process, which builds vLLM's ``DeepseekV4
 - ``stock``: vLLM's own ``load_weights`` of both classes, each fed vLLM's ``safetensors_weights_iterator``
   over every shard (what vLLM's default loader does for the target and again for the draft), quant config
   derived from the artifact;
-- ``native``: our ``build_plan`` (headers only) + ``native.loader.load_class`` for both classes (one
-  positional read per planned tensor, the parameter's own ``weight_loader``), accounting included.
-  ``native_excl_plan`` is the same without the plan.
+- ``native``: what the plugin's native engine runs, ``native.load_native``: our ``build_plan`` (headers only,
+  timed here) + ``native.loader.load_class`` for both classes (one positional read per planned tensor, the
+  parameter's own ``weight_loader``, value checks, accounting; timed by ``load_native`` itself, which also
+  installs our kernels where vLLM has none -- none for this BF16 artifact). ``native_excl_plan`` is the same
+  without the plan.
 
 The page cache is warmed by reading every shard once before any measurement. ``--rounds`` alternates the
 two measurements that many times and reports medians; ratio = native / stock (target <= 1.1). Torch runs
@@ -100,58 +102,50 @@ def child(mode: str, path: str) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from vllm_deepseek_v4.native.build import construct, ensure_distributed, make_vllm_config, share_from_target
-    from vllm_deepseek_v4.native.standins import cpu_standins
-
-    out: dict[str, Any] = {"mode": mode}
-    with cpu_standins():
-        if mode == "stock":
-            from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
-
-            vc = make_vllm_config(path, native=False)
-            ensure_distributed(vc)
-            target = construct(vc, "target", device="cpu", quant_config=vc.quant_config)
-            mtp = construct(vc, "mtp", device="cpu", quant_config=vc.quant_config)
-            files = sorted(str(p) for p in Path(path).glob("*.safetensors"))
-            c0, t0 = time.process_time(), time.perf_counter()
-            loaded_t = target.load_weights(safetensors_weights_iterator(files, False))
-            t1 = time.perf_counter()
-            loaded_m = mtp.load_weights(safetensors_weights_iterator(files, False))
-            t2 = time.perf_counter()
-            out.update(seconds=t2 - t0, cpu_s=time.process_time() - c0, target_s=t1 - t0, mtp_s=t2 - t1,
-                       target_loaded=f"{len(loaded_t)}/{sum(1 for _ in target.named_parameters())}",
-                       mtp_loaded=f"{len(loaded_m)}/{sum(1 for _ in mtp.named_parameters())}")
-        else:
-            from vllm_deepseek_v4.loader import build_plan
-            from vllm_deepseek_v4.loader.stream import PositionalReader
-            from vllm_deepseek_v4.native.loader import load_class, module_schemes
-            from vllm_deepseek_v4.native.quant_config import choose_family, extra_ignored, make_quant_config
-
-            c_plan, t0 = time.process_time(), time.perf_counter()
-            plan = build_plan(path)
-            t_plan, c_plan = time.perf_counter() - t0, time.process_time() - c_plan
-            vc = make_vllm_config(path, native=True)
-            ensure_distributed(vc)
-            choices = {k: choose_family(module_schemes(plan, k)[0]) for k in ("target", "mtp")}
-            qcs = {k: make_quant_config(c, extra_ignored=extra_ignored(k, plan)) for k, c in choices.items()}
-            target = construct(vc, "target", device="cpu", quant_config=qcs["target"])
-            mtp = construct(vc, "mtp", device="cpu", quant_config=qcs["mtp"], share_embeddings=True)
-            shared = share_from_target(mtp, target)
-            c0, t0 = time.process_time(), time.perf_counter()
-            with PositionalReader(plan.checkpoint) as reader:
-                rt = load_class(target, "target", plan, reader=reader, device="cpu", family=choices["target"].family,
-                                quant_config=qcs["target"])
-                t1 = time.perf_counter()
-                rm = load_class(mtp, "mtp", plan, reader=reader, device="cpu", family=choices["mtp"].family,
-                                quant_config=qcs["mtp"], shared=shared)
-            t2 = time.perf_counter()
-            out.update(seconds=t2 - t0 + t_plan, cpu_s=time.process_time() - c0 + c_plan, plan_s=t_plan,
-                       excl_plan_s=t2 - t0, target_s=t1 - t0,
-                       mtp_s=t2 - t1, ok=rt.ok and rm.ok, target_loaded=f"{rt.covered}/{rt.params}",
-                       mtp_loaded=f"{rm.covered}/{rm.params}")
+    out = {"mode": mode, **(_stock(path) if mode == "stock" else _native(path))}
     out["peak_rss_mb"] = round(_vmhwm_mb())
     print("RESULT " + json.dumps(out), flush=True)
     return out
+
+
+def _stock(path: str) -> dict[str, Any]:
+    """vLLM's own ``load_weights`` on its classes, with vLLM's own quant config."""
+    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+
+    from vllm_deepseek_v4.native.build import construct, ensure_distributed, make_vllm_config
+    from vllm_deepseek_v4.native.standins import cpu_standins
+
+    with cpu_standins():
+        vc = make_vllm_config(path, native=False)
+        ensure_distributed(vc)
+        target = construct(vc, "target", device="cpu", quant_config=vc.quant_config)
+        mtp = construct(vc, "mtp", device="cpu", quant_config=vc.quant_config)
+        files = sorted(str(p) for p in Path(path).glob("*.safetensors"))
+        c0, t0 = time.process_time(), time.perf_counter()
+        loaded_t = target.load_weights(safetensors_weights_iterator(files, False))
+        t1 = time.perf_counter()
+        loaded_m = mtp.load_weights(safetensors_weights_iterator(files, False))
+        t2 = time.perf_counter()
+    return dict(seconds=t2 - t0, cpu_s=time.process_time() - c0, target_s=t1 - t0, mtp_s=t2 - t1,
+                target_loaded=f"{len(loaded_t)}/{sum(1 for _ in target.named_parameters())}",
+                mtp_loaded=f"{len(loaded_m)}/{sum(1 for _ in mtp.named_parameters())}")
+
+
+def _native(path: str) -> dict[str, Any]:
+    """The plugin's native engine (``native.load_native``): our plan, then vLLM's classes built and filled from
+    it; the timed part is the plan and the two ``load_class`` calls it records."""
+    from vllm_deepseek_v4.loader import build_plan
+    from vllm_deepseek_v4.native import load_native
+
+    c_plan, t0 = time.process_time(), time.perf_counter()
+    plan = build_plan(path)
+    t_plan, c_plan = time.perf_counter() - t0, time.process_time() - c_plan
+    res = load_native(path, device="cpu", plan=plan)
+    rt, rm = res.reports["target"], res.reports["mtp"]
+    load_s = res.load_s["target"] + res.load_s["mtp"]
+    return dict(seconds=load_s + t_plan, cpu_s=sum(res.load_cpu_s.values()) + c_plan, plan_s=t_plan,
+                excl_plan_s=load_s, target_s=res.load_s["target"], mtp_s=res.load_s["mtp"], ok=res.ok,
+                target_loaded=f"{rt.covered}/{rt.params}", mtp_loaded=f"{rm.covered}/{rm.params}")
 
 
 def measure(mode: str, path: Path) -> dict[str, Any]:

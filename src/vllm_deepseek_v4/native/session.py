@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,8 @@ class NativeResult:
     reports: dict[str, ClassReport] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     processed: bool = False
+    load_s: dict[str, float] = field(default_factory=dict)       # per kind: wall seconds inside load_class
+    load_cpu_s: dict[str, float] = field(default_factory=dict)   # ... and this process's CPU seconds
 
     @property
     def ok(self) -> bool:
@@ -106,17 +110,27 @@ def load_native(path: str, *, device: str = "meta", tp: int = 1, rank: int = 0, 
                 res.quant_configs[kind] = make_quant_config(res.quant[kind], extra_ignored=extra_ignored(kind, plan))
             res.target = construct(vc, "target", device=device, quant_config=res.quant_configs["target"])
             kernels = install(res.target, vc.model_config.dtype) if own_kernels else {}
-            res.reports["target"] = load_class(res.target, "target", plan, reader=reader, device=device,
-                                               family=res.quant["target"].family,
-                                               quant_config=res.quant_configs["target"])
+            with _timed(res, "target"):
+                res.reports["target"] = load_class(res.target, "target", plan, reader=reader, device=device,
+                                                   family=res.quant["target"].family,
+                                                   quant_config=res.quant_configs["target"])
             res.reports["target"].own_kernels = kernels
             if with_mtp:
                 res.mtp = construct(vc, "mtp", device=device, quant_config=res.quant_configs["mtp"],
                                     share_embeddings=True)
                 shared = share_from_target(res.mtp, res.target)
                 kernels = install(res.mtp, vc.model_config.dtype) if own_kernels else {}
-                res.reports["mtp"] = load_class(res.mtp, "mtp", plan, reader=reader, device=device,
-                                                family=res.quant["mtp"].family,
-                                                quant_config=res.quant_configs["mtp"], shared=shared)
+                with _timed(res, "mtp"):
+                    res.reports["mtp"] = load_class(res.mtp, "mtp", plan, reader=reader, device=device,
+                                                    family=res.quant["mtp"].family,
+                                                    quant_config=res.quant_configs["mtp"], shared=shared)
                 res.reports["mtp"].own_kernels = kernels
     return res
+
+
+@contextlib.contextmanager
+def _timed(res: NativeResult, kind: str) -> Iterator[None]:
+    """Record the wall and CPU seconds of one class's ``load_class`` (``benchmarks/native_load.py`` reads them)."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    yield
+    res.load_s[kind], res.load_cpu_s[kind] = time.perf_counter() - t0, time.process_time() - c0
