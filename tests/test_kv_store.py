@@ -167,3 +167,28 @@ def test_every_kind_fills_one_page_with_its_natural_width() -> None:
                    for k in kinds)
     assert fits(g.page_bytes) and not any(fits(p) for p in range(4, g.page_bytes, 4))   # the smallest such page
     assert g.window == 128                     # the plain compressor pools 128 rows; CSA needs 8, attention 8
+
+
+def test_prefix_caching_says_at_startup_where_hits_can_land(caplog) -> None:
+    """A prefix-cache hit must cover whole blocks of every kind: the plugin logs that granularity (the lcm of the
+    block sizes) once when prefix caching is on, and nothing when it is off."""
+    import logging
+    import math
+    from types import SimpleNamespace
+
+    from vllm_deepseek_v4.vllm_plugin.kv_layout import block_sizes, cache_geometry, layer_kinds, prefix_hit_tokens
+    from vllm_deepseek_v4.vllm_plugin.model import warn_prefix_granularity
+
+    c = make_config(compress_ratios=[0, 4, 128, 0, 0])
+    g = cache_geometry(c)
+    assert block_sizes(c) == sorted({g.block_size(k) for r in (0, 4, 128) for k in layer_kinds(c, r)})
+    assert prefix_hit_tokens(c) == math.lcm(*block_sizes(c)) >= max(block_sizes(c))
+    for on in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            warn_prefix_granularity(SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=on)), c)
+        lines = [r.getMessage() for r in caplog.records if "prefix caching" in r.getMessage()]
+        assert lines == ([f"DSv4 plugin: prefix caching is on; with this model's KV layout (block sizes "
+                          f"{block_sizes(c)} tokens) a cached prefix is reused only in multiples of "
+                          f"{prefix_hit_tokens(c):d} tokens, shorter shared prefixes are recomputed "
+                          "(docs/vllm-plugin.md, Caches)"] if on else [])

@@ -27,7 +27,8 @@ from ..config import DSV4Config
 from ..model.attention import history
 from ..model.compressor import CSA_RATIO
 
-__all__ = ["ELEMENT_BYTES", "MIN_BLOCK", "RowLayout", "CacheKind", "CacheGeometry", "layer_kinds", "cache_geometry"]
+__all__ = ["ELEMENT_BYTES", "MIN_BLOCK", "RowLayout", "CacheKind", "CacheGeometry", "layer_kinds", "cache_geometry",
+           "block_sizes", "prefix_hit_tokens"]
 
 ELEMENT_BYTES = 4     # the caches are fp32: the portable compressor's precision, and exact for bf16/fp16 latents
 MIN_BLOCK = 16        # tokens in the smallest block (the widest window row's); every block is a multiple of it
@@ -112,3 +113,16 @@ def cache_geometry(cfg: DSV4Config) -> CacheGeometry:
     kinds = {k for r in set(cfg.compress_ratios) for k in layer_kinds(cfg, r)}
     page = math.lcm(*(k.state_bytes * (MIN_BLOCK // math.gcd(MIN_BLOCK, k.tokens_per_state)) for k in kinds))
     return CacheGeometry(page, 1 + max(history(cfg, r) for r in set(cfg.compress_ratios)))
+
+
+def block_sizes(cfg: DSV4Config) -> list[int]:
+    """The block sizes (tokens) of this config's cache kinds, ascending."""
+    geometry = cache_geometry(cfg)
+    return sorted({geometry.block_size(k) for r in set(cfg.compress_ratios) for k in layer_kinds(cfg, r)})
+
+
+def prefix_hit_tokens(cfg: DSV4Config) -> int:
+    """The granularity of a prefix-cache hit: vLLM reuses a cached prefix only in whole blocks of every group,
+    so in multiples of the least common multiple of the block sizes (``benchmarks/kv_bytes.py`` reads the same
+    from vLLM's own grouping)."""
+    return math.lcm(*block_sizes(cfg))

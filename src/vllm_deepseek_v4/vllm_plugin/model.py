@@ -18,11 +18,13 @@
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from ..config import DSV4Config
 from ..loader.load import schemes_from_plan
 from ..loader.plan import build_plan
 from ..model import DSV4Model, ModelState
@@ -31,6 +33,8 @@ from ..native.paths import model_source, resolve_model_dir
 from .dummy import materialize_if_dummy
 from .kv import PagedKV, StepInputs
 from .weights import PlanRouter, assign, check_filled
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DSV4ForCausalLM", "model_path", "parallel_context", "rank_report"]
 
@@ -56,6 +60,18 @@ def check_supported(vllm_config: object) -> None:
         raise NotImplementedError(f"DSv4 plugin: vLLM quantization {qc.get_name()!r} (--quantization) is not "
                                   "supported; every module computes in the format its checkpoint tensors are "
                                   "stored in (detected from the safetensors headers)")
+
+
+def warn_prefix_granularity(vllm_config: object, cfg: DSV4Config) -> None:
+    """Prefix caching is honoured, but a hit lands on a multiple of the layout's block sizes' lcm (12,288 tokens
+    at DSv4-Flash): say so once at startup rather than let a user wonder why shorter shared prefixes never hit."""
+    if not vllm_config.cache_config.enable_prefix_caching:  # type: ignore[attr-defined]
+        return
+    from .kv_layout import block_sizes, prefix_hit_tokens
+
+    logger.warning("DSv4 plugin: prefix caching is on; with this model's KV layout (block sizes %s tokens) a "
+                   "cached prefix is reused only in multiples of %d tokens, shorter shared prefixes are recomputed "
+                   "(docs/vllm-plugin.md, Caches)", block_sizes(cfg), prefix_hit_tokens(cfg))
 
 
 def parallel_context(vllm_config: object) -> Parallel:
@@ -116,6 +132,7 @@ class DSV4ForCausalLM(nn.Module):
         self.kv = nn.ModuleList(PagedKV(full, full.ratio(i), f"{prefix}layers.{i}.attn", self.step, block_size)
                                 for i in range(full.n_layers))
         self._state = ModelState(list(self.kv))
+        warn_prefix_granularity(vllm_config, full)
         self._keep_streams = vllm_config.speculative_config is not None  # type: ignore[attr-defined]
         self._streams: torch.Tensor | None = None
         self._router = PlanRouter(self.plan, wanted=lambda key: not key.startswith("mtp."), parallel=self.par)
