@@ -4,7 +4,8 @@ Each layout runs ``dsv4 bench-acceptance`` (a fresh ``vllm serve`` per K and dra
 servers stopped by PID). At T > 0 both drafting methods by default (``--draft-sample-method both``): greedy
 drafting and probabilistic drafting (the draft samples from its own distribution). Writes ``OUT.json`` +
 ``OUT.md`` (one row per layout x K x drafting x temperature, plus the health verdicts, the offline (no vLLM)
-greedy acceptance of the same layout when ``benchmarks/results/offline_acceptance.json`` has it, and with
+greedy acceptance of the same layout when the ``--offline`` JSON has it (default ``offline_acceptance_bench_setting.json``: the
+zoo setting here, 8 prompts x 48 tokens; pass the offline JSON of the same prompts and tokens), and with
 ``--expected`` the portable model's exact expectation of position 0's acceptance on the served token ids) and
 two charts: per-position acceptance per layout (``OUT_per_position.png``) and speedup vs K (``OUT_speedup.png``).
 
@@ -129,7 +130,8 @@ def main() -> int:
     ap.add_argument("--rebuild-from", nargs="+", default=None, metavar="JSON",
                     help="serve nothing: merge the reports of earlier runs (later files override per layout, K and "
                          "temperature), recompute speedups and health, and rewrite OUT")
-    ap.add_argument("--offline", default="benchmarks/results/offline_acceptance.json")
+    ap.add_argument("--offline", default="benchmarks/results/offline_acceptance_bench_setting.json",
+                    help="offline_acceptance.py JSON of the same prompts and max tokens as this run")
     ap.add_argument("--out", default="benchmarks/results/acceptance")
     args = ap.parse_args()
 
