@@ -61,6 +61,7 @@ def corrupt(src, dst, tensor: str, index: int, value) -> str:
 
 E4M3 = "F8_E4M3 codes that are numbers (bytes 0x7F and 0xFF are NaN)"
 E8M0 = "E8M0 exponent bytes 0x00-0xFE (0xFF is NaN)"
+E4M3_SCALE = "F8_E4M3 scale codes 0x00-0x7E (0x7F is NaN; 0x80-0xFF have the sign bit set)"
 W13 = "model.layers.0.ffn.experts.routed_experts.w13_weight"
 # id: (artifact, on-disk tensor, flat index, value, what the line says after "<tensor> in <file>: ")
 CASES = {
@@ -98,7 +99,11 @@ CASES = {
                              "1 value not finite and > 0, first at flat index 0 (0) (expected finite weight_scale_2 "
                              "values > 0; ModelOpt multiplies by it)"),
     "nvfp4-local-scale-nan": ("ct_nvfp4", "layers.0.ffn.experts.0.w1.weight_scale", 6, b"\x7f",
-                              f"1 NaN code, first at flat index 6 (byte 0x7F) (expected {E4M3})"),
+                              f"1 bad scale code (1 NaN, 0 negative or -0), first at flat index 6 (byte 0x7F) "
+                              f"(expected {E4M3_SCALE})"),
+    "nvfp4-local-scale-negative": ("ct_nvfp4", "layers.1.ffn.experts.2.w2.weight_scale", 3, b"\xb8",
+                                   f"1 bad scale code (0 NaN, 1 negative or -0), first at flat index 3 (byte 0xB8) "
+                                   f"(expected {E4M3_SCALE})"),
     "f32-block-scale-zero": ("f32_scales", "layers.0.attn.wq_a.scale", 0, 0.0,
                              "1 value not finite and > 0, first at flat index 0 (0) (expected finite scale values > 0)"),
     # a slice of a stacked [experts, w1|w3 rows, in] tensor: the index is the on-disk one
@@ -280,16 +285,19 @@ def test_verify_values_reads_nothing_when_the_headers_fail(tmp_path, capsys, mon
     assert out[-1] == f"{path}: values not read: the header problems above come first"
 
 
-@pytest.mark.parametrize("kind", ["e4m3", "e8m0"])
+@pytest.mark.parametrize("kind", ["e4m3", "e4m3_scale", "e8m0"])
 def test_byte_code_checks_agree_on_contiguous_and_strided_tensors(kind):
-    """Contiguous tensors are searched with memchr, strided ones with torch reductions: same verdicts."""
+    """Contiguous tensors are searched with memchr, strided ones with torch reductions: same verdicts, and the
+    exact mask (``_bad``) marks exactly the byte the fast test objects to."""
     from vllm_deepseek_v4.loader.values import ValueCheck
     vc = ValueCheck(kind, "x", "f", "x", (6, 5), (), "", 0)
-    dtype = torch.float8_e4m3fn if kind == "e4m3" else torch.float8_e8m0fnu
-    for bad in (None, 0x7F, 0xFF):
+    dtype = torch.float8_e8m0fnu if kind == "e8m0" else torch.float8_e4m3fn
+    allowed = {"e4m3": {0x80, 0xB8}, "e4m3_scale": set(), "e8m0": {0x7F, 0x80, 0xB8}}[kind]
+    for bad in (None, 0x7F, 0x80, 0xB8, 0xFF):
         u = torch.full((6, 5), 0x10, dtype=torch.uint8)
         if bad is not None:
             u[4, 3] = bad
         t = u.view(dtype)
-        want = bad is None or (kind == "e8m0" and bad == 0x7F)
+        want = bad is None or bad in allowed
         assert vc.fine(t) is want and vc.fine(t.t()) is want, (kind, bad)
+        assert int(vc._bad(t).sum()) == (0 if want else 1), (kind, bad)

@@ -10,8 +10,9 @@ building a model.
 What a role may hold comes from its ``quant.scheme`` record (role kind, safetensors dtype, scale encoding):
 
 - float tensors (BF16 weights, ``hc_*`` mixers, norms, biases, every ``mtp.*`` float): finite;
-- F8_E4M3 bytes (FP8 weight codes, NVFP4 local scales): no NaN code (0x7F / 0xFF; e4m3fn has no Inf).
-  A zero local scale is legal: quantizers write it for an all-zero block;
+- F8_E4M3 bytes: FP8 weight codes without a NaN code (0x7F / 0xFF; e4m3fn has no Inf); NVFP4 local scales
+  also without a set sign bit (0x80-0xFF: negative, or -0, which no quantizer writes: it scales ``amax >= 0``).
+  A zero local scale (0x00) is legal: quantizers write it for an all-zero block;
 - E8M0 scale bytes (F8_E8M0, or U8 under an ``e8m0`` encoding): no 0xFF (NaN); 0x00 is 2^-127, a number;
 - float block scales (``weight_scale_inv``, W4A16 group scales) and global scales: finite and > 0.
   compressed-tensors divides by its ``weight_global_scale``, ModelOpt multiplies by ``weight_scale_2``:
@@ -48,7 +49,8 @@ SKIP_ENV = "DSV4_SKIP_VALUE_CHECKS"
 _ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 # check kinds
-FINITE, E4M3, E8M0, POSITIVE, EXPERT_ID = "finite", "e4m3", "e8m0", "positive", "expert_id"
+FINITE, E4M3, E4M3_SCALE, E8M0, POSITIVE, EXPERT_ID = "finite", "e4m3", "e4m3_scale", "e8m0", "positive", "expert_id"
+_BYTE_CODES = (E4M3, E4M3_SCALE, E8M0)
 _FLOATS = frozenset({"BF16", "F16", "F32", "F64"})
 
 
@@ -79,7 +81,7 @@ def check_kind(pp: "ParamPlan", role: str, dtype: str) -> str | None:
     scheme = SCHEMES[pp.quant.scheme]
     kind = scheme.role(role).kind
     if dtype == "F8_E4M3":
-        return E4M3                                   # FP8 codes, NVFP4 local scales
+        return E4M3_SCALE if kind == SCALES else E4M3   # NVFP4 local scales; FP8 weight codes
     if kind == CODES:
         return FINITE if dtype in _FLOATS else None   # bf16 weights; packed fp4 / int4 codes are all numbers
     if kind == SCALES:
@@ -96,6 +98,8 @@ def _expected(kind: str, dtype: str, role: str, pp: "ParamPlan", n_experts: int)
         return f"finite {dtype} values"
     if kind == E4M3:
         return "F8_E4M3 codes that are numbers (bytes 0x7F and 0xFF are NaN)"
+    if kind == E4M3_SCALE:
+        return "F8_E4M3 scale codes 0x00-0x7E (0x7F is NaN; 0x80-0xFF have the sign bit set)"
     if kind == E8M0:
         return "E8M0 exponent bytes 0x00-0xFE (0xFF is NaN)"
     if kind == EXPERT_ID:
@@ -150,6 +154,8 @@ class ValueCheck(NamedTuple):
         import torch
         if t.numel() == 0:
             return True
+        if self.kind == E4M3_SCALE:                    # small tensors: one reduction and one search
+            return int(t.view(torch.uint8).max()) < 0x80 and not _has_byte(t.contiguous(), 0x7F)
         if self.kind in (E4M3, E8M0):
             if t.is_contiguous():               # libc memchr: ~1 us a call (a thousand small e8m0 scales)
                 return not (_has_byte(t, 0xFF) or (self.kind == E4M3 and _has_byte(t, 0x7F)))
@@ -169,6 +175,8 @@ class ValueCheck(NamedTuple):
         import torch
         if self.kind == E4M3:
             return (t.view(torch.uint8) & 0x7F) == 0x7F
+        if self.kind == E4M3_SCALE:
+            return (t.view(torch.uint8) >= 0x80) | (t.view(torch.uint8) == 0x7F)
         if self.kind == E8M0:
             return t.view(torch.uint8) == 0xFF
         if self.kind == FINITE:
@@ -184,6 +192,9 @@ class ValueCheck(NamedTuple):
             return f"{count} non-finite value{'s' * (count > 1)} ({nan} NaN, {count - nan} Inf)"
         if self.kind in (E4M3, E8M0):
             return f"{count} NaN code{'s' * (count > 1)}"
+        if self.kind == E4M3_SCALE:
+            nan = int((t.view(torch.uint8) == 0x7F).sum())
+            return f"{count} bad scale code{'s' * (count > 1)} ({nan} NaN, {count - nan} negative or -0)"
         if self.kind == POSITIVE:
             return f"{count} value{'s' * (count > 1)} not finite and > 0"
         return f"{count} expert id{'s' * (count > 1)} outside [0, {self.n_experts})"
@@ -219,7 +230,7 @@ def _has_byte(t: "torch.Tensor", byte: int) -> bool:
 
 
 def _show(value: "torch.Tensor", kind: str) -> str:
-    if kind in (E4M3, E8M0):
+    if kind in _BYTE_CODES:
         import torch
         return f"byte 0x{int(value.reshape(1).view(torch.uint8)[0]):02X}"
     return f"{value.item():g}" if value.is_floating_point() else str(int(value))
