@@ -200,6 +200,27 @@ def test_shard_name_with_control_characters_is_refused_on_one_line(tmp_path: Pat
         scan_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["a.\nw", "\ra.w", "a.\x1b[2Kw", "a.\x85w"])
+def test_tensor_name_with_control_characters_is_refused_on_one_line(tmp_path: Path, name: str) -> None:
+    """A header may name a tensor with any JSON string; printed raw, a newline would split every report line
+    that names it. The shard is refused, the name shown escaped (``ascii``)."""
+    f = write_raw(tmp_path / "model.safetensors", {"a.ok": entry("F32", [1], [0, 4]), name: entry("F32", [1], [4, 8])},
+                  b"\0" * 8)
+    with pytest.raises(CheckpointError) as e:
+        scan_checkpoint(tmp_path)
+    assert str(e.value) == (f"{f}: tensor name with control characters: expected printable characters, "
+                            f"found {ascii(name)}")
+    assert str(e.value).isprintable()
+
+
+def test_index_tensor_name_with_control_characters_is_refused_on_one_line(tmp_path: Path) -> None:
+    two_shards(tmp_path)
+    edit_index(tmp_path, lambda wmap: wmap.update({"b.\nw": "m-2.safetensors"}))
+    with pytest.raises(CheckpointError, match=msg(tmp_path / INDEX, None, "bad weight_map entry: expected "
+                                                  "printable tensor names, found 'b.\\nw'")):
+        scan_checkpoint(tmp_path)
+
+
 # (edit of the index's weight_map, shard the error names, tensor it names, reason)
 INDEX_EDITS = {
     "listed in index, missing from shard": (

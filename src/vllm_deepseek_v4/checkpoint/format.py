@@ -263,6 +263,9 @@ def _tensor_infos(path: str, rel: str, header: dict[str, object], data_len: int,
     69k function calls); when one fails, the first entry that fails it is named. ``kinds`` is shared by the
     files of one artifact.
     """
+    if not "".join(header).isprintable():      # one pass over every name: a newline would split a report line
+        name = next(n for n in header if not n.isprintable())
+        raise _fail(path, "tensor name with control characters", "printable characters", ascii(name))
     dtypes, shapes, offsets, spans = _fields(path, header)
     starts, ends = spans[0::2], spans[1::2]
     found = _kinds(dtypes, shapes, kinds)

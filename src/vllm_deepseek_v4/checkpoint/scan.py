@@ -66,6 +66,9 @@ def _read_index(path: str) -> tuple[dict[str, str], set[str]]:
         name, rel = next((name, rel) for name, rel in wmap.items() if not _inside(rel))
         raise CheckpointError("bad weight_map entry", file=path, tensor=name,
                               expected="a printable file name inside the artifact folder", found=repr(rel))
+    if not "".join(wmap).isprintable():         # a tensor name with a newline would split the lines naming it
+        raise CheckpointError("bad weight_map entry", file=path, expected="printable tensor names",
+                              found=ascii(next(n for n in wmap if not n.isprintable())))
     return wmap, files
 
 
