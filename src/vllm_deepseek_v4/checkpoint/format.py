@@ -156,6 +156,11 @@ def _read_header(path: str, size: int) -> tuple[dict[str, object], int]:
     # json keeps the last of repeated keys silently, so a tensor listed twice would only show as a gap before
     # the next one. Each entry has one "dtype", "shape" and "data_offsets" key: a count that differs is checked
     # again with the pairs seen (a cost paid only then; the text may also occur inside a string).
+    # A name with a control character (a newline would split every report line naming it) is escaped in the
+    # JSON text, or non-ASCII (NEL, LINE SEPARATOR): an ASCII header without a backslash has none (fast path).
+    if not (raw.isascii() and b"\\" not in raw) and not "".join(header).isprintable():
+        name = next(n for n in header if not n.isprintable())
+        raise _fail(path, "tensor name with control characters", "printable characters", ascii(name))
     entries = len(header) - ("__metadata__" in header)
     if any(raw.count(key) != entries for key in (b'"data_offsets"', b'"dtype"', b'"shape"')):
         json.loads(raw, object_pairs_hook=partial(_unique_keys, path))
@@ -263,9 +268,6 @@ def _tensor_infos(path: str, rel: str, header: dict[str, object], data_len: int,
     69k function calls); when one fails, the first entry that fails it is named. ``kinds`` is shared by the
     files of one artifact.
     """
-    if not "".join(header).isprintable():      # one pass over every name: a newline would split a report line
-        name = next(n for n in header if not n.isprintable())
-        raise _fail(path, "tensor name with control characters", "printable characters", ascii(name))
     dtypes, shapes, offsets, spans = _fields(path, header)
     starts, ends = spans[0::2], spans[1::2]
     found = _kinds(dtypes, shapes, kinds)
