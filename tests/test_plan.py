@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from vllm_deepseek_v4.errors import PlanError
 from vllm_deepseek_v4.loader import Problem, build_plan
 from vllm_deepseek_v4.loader.records import (ALIAS_SHAPE, DTYPE, DUPLICATE, EXTRA_MTP_LAYER, FOREIGN_MTP, MISSING,
-                                             MTP_DROPPED, MTP_ONLY, QUANT, SHAPE, UNMAPPED)
+                                             CONFIG, MTP_DROPPED, MTP_ONLY, QUANT, SHAPE, UNMAPPED)
 
 BF16_MAIN = {"attn": "bf16", "compressor": "bf16", "experts": "bf16", "indexer": "bf16", "router": "bf16",
              "shared_experts": "bf16"}
@@ -283,3 +283,65 @@ def test_ignore_list_is_matched_against_checkpoint_names_and_disagreement_report
     assert any(w.startswith("mtp.0.ffn.experts.0.w1: quantization_config says bf16 (ignored), tensors on disk are nvfp4")
                for w in plan.warnings)
     assert not any(w.startswith("layers.") for w in plan.warnings)
+
+
+# ---- a huge count in config.json: one line naming the field, before the parameter space is built ----
+def _tiny_with(tmp_path, **changes):
+    """A hard-linked copy of the shipped tiny model whose config.json has ``changes`` (compress_ratios padded
+    with sliding layers to cover ``num_hidden_layers``)."""
+    import os
+    import shutil
+
+    from vllm_deepseek_v4.assets import tiny_model_path
+
+    d = shutil.copytree(tiny_model_path(), tmp_path / "tiny", copy_function=os.link)
+    cfg = {**json.loads((d / "config.json").read_text()), **changes}
+    cfg["compress_ratios"] += [0] * (cfg["num_hidden_layers"] - len(cfg["compress_ratios"]) + 1)
+    (d / "config.json").unlink()                # a hard link to the shipped file: replace, never write into it
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("key, value, on_disk, evidence", [
+    ("n_routed_experts", 10**6, 8, "routed experts 0-7"), ("n_routed_experts", 5 * 10**6, 8, "routed experts 0-7"),
+    ("num_nextn_predict_layers", 10**5, 1, "MTP layers 0-0"), ("num_nextn_predict_layers", 10**6, 1, "MTP layers 0-0"),
+    ("num_hidden_layers", 10**6, 5, "decoder layers 0-4")])
+def test_huge_count_is_one_config_line_fast_and_small(tmp_path, key, value, on_disk, evidence):
+    """Built in full, these were a MemoryError (10^6 experts), 23 GB (5*10^6) or millions of "missing" lines
+    in 54 s (10^5 MTP layers): now the count is checked against the highest index on disk first."""
+    import time
+    import tracemalloc
+
+    path = str(_tiny_with(tmp_path, **{key: value}))
+    t0 = time.perf_counter()
+    plan = build_plan(path)
+    seconds = time.perf_counter() - t0
+    tracemalloc.start()                         # a second plan, traced (tracing slows allocation ~10x)
+    try:
+        build_plan(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert plan.problems() == [f"config.json: {key}: expected {on_disk} ({evidence} on disk, none above), "
+                               f"found {value}"]
+    [p] = plan.errors
+    assert (p.kind, p.tensor, p.file) == (CONFIG, key, "config.json")
+    assert seconds < 2 and peak < 200 * 2**20, (seconds, peak)
+
+
+def test_huge_mtp_count_without_mtp_tensors_is_the_dropped_block_line(tmp_path):
+    """No mtp.* on disk bounds nothing: one MTP layer is built, enough to report the block missing with the
+    declared count."""
+    d = make_checkpoint(tmp_path, convention="hf_saved", include_mtp=False)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 10**6}))
+    [line] = build_plan(str(d)).problems()
+    assert "no mtp.* tensors although config.json declares num_nextn_predict_layers=1000000" in line
+
+
+def test_top_index_in_some_block_is_no_count_contradiction(tmp_path):
+    """The highest expert is on disk in other layers: the count stands, and the one layer's hole is named
+    tensor by tensor, with no config line."""
+    drop = [f"layers.2.ffn.experts.3.{w}.weight" for w in ("w1", "w3", "w2")]
+    plan = plan_of(tmp_path, edit=lambda t: [t.pop(n) for n in drop])
+    assert [(p.kind, p.tensor) for p in plan.all_problems()] == [(MISSING, n) for n in drop]

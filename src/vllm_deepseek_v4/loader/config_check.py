@@ -1,6 +1,7 @@
 """Cross-check config.json against the tensors on disk: ``quantization_config`` (the tensors win, we only
-warn), and the sizes the tensors themselves show (hidden size, vocabulary, layer and MTP layer counts: one
-error naming the field, on top of the per-tensor problems such a mismatch causes).
+warn), and the sizes the tensors themselves show (hidden size, vocabulary: one error naming the field, on top
+of the per-tensor problems such a mismatch causes; layer, MTP layer and expert counts: one error naming the
+field, checked before the parameter space is built, which then goes only as far as the tensors).
 
 Entries are matched against the checkpoint name of each module (in the spelling on disk and the canonical
 upstream one) and against vLLM's runtime prefix (``model.layers.{L+K}.`` for MTP), because configs are
@@ -14,12 +15,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
 
 from ..config import DSV4Config
 from ..quant import SCHEMES
+from .expected import Counts
 from .records import CONFIG, ParamPlan, Problem
 
 if TYPE_CHECKING:
     from .account import Found
 
-__all__ = ["quant_config_disagreements", "expected_scheme_ct", "config_contradictions"]
+__all__ = ["quant_config_disagreements", "expected_scheme_ct", "config_contradictions", "count_contradictions"]
 
 # quant_method -> the format it declares (the schemes' ``methods``: fp8 -> fp8_block, modelopt* -> nvfp4)
 _METHOD_SCHEME = {m: s.name for s in SCHEMES.values() for m in s.methods}
@@ -90,36 +92,63 @@ def quant_config_disagreements(plan: "LoadPlan") -> list[str]:
     return out[:50] + ([f"... {len(out) - 50} more"] if len(out) > 50 else [])
 
 
-_LAYER_INDEX = re.compile(r"^layers\.(\d+)\.", re.M)
-_MTP_INDEX = re.compile(r"^mtp\.(\d+)\.", re.M)
+# The counts that multiply the parameter space: config.json field, the canonical name segment that holds the
+# index (at the start of a name, or anywhere in it), what an index counts (for the evidence), its part.
+_COUNTED = (("num_hidden_layers", "layers.", True, "decoder layers", "main"),
+            ("num_nextn_predict_layers", "mtp.", True, "MTP layers", "mtp.*"),
+            ("n_routed_experts", ".ffn.experts.", False, "routed experts", "main"))
+
+
+def _contradiction(key: str, part: str, on_disk: int, declared: int, evidence: str) -> Problem:
+    return Problem(CONFIG, part, key, "config.json", f"expected {on_disk} ({evidence}), found {declared}")
+
+
+def _holds(found: "list[Found]", segment: str, at_start: bool) -> bool:
+    """Whether a canonical name on disk holds ``segment`` (at its start if ``at_start``): a substring search
+    per batch of names, no parsing (a good Flash artifact pays ~1 ms for the three counts)."""
+    line = "\n" + segment if at_start else segment
+    return any(line in f.text or (at_start and f.text.startswith(segment)) for f in found)
+
+
+def count_contradictions(cfg: DSV4Config, found: "list[Found]", include_mtp: bool) -> tuple[Counts, list[Problem]]:
+    """The layer, MTP layer and expert counts to build the expected parameters for, and a problem for each
+    count config.json declares above the highest index on disk (one line naming the field and the evidence).
+
+    Checked before the parameters are expanded: a count of 10^6 would otherwise build millions of parameters
+    only to report each one missing. Only a count above what is on disk is checked: a lower one shows as the
+    tensors that fit no layer or expert, each named by the accounting. A count with no index on disk at all is
+    left as declared (nothing to bound it by), except MTP layers: one is enough for the plan to report the
+    whole block missing (``plan._check_mtp``) with the declared count."""
+    declared = Counts.of(cfg)
+    counts, out = list(declared), []
+    for i, (key, segment, at_start, what, part) in enumerate(_COUNTED):
+        n = declared[i]
+        if n == 0 or (key == "num_nextn_predict_layers" and not include_mtp):
+            continue
+        if _holds(found, f"{segment}{n - 1}.", at_start):       # the highest index is there: no contradiction
+            continue
+        rx = re.compile(("^" if at_start else "") + re.escape(segment) + r"(\d+)\.", re.M)
+        on_disk = {int(j) for f in found for j in rx.findall(f.text)}
+        if not on_disk:
+            counts[i] = min(n, 1) if key == "num_nextn_predict_layers" else n
+            continue
+        top = max(on_disk)
+        if top + 1 < n:
+            counts[i] = top + 1
+            out.append(_contradiction(key, part, top + 1, n, f"{what} 0-{top} on disk, none above"))
+    return Counts(*counts), out
 
 
 def config_contradictions(cfg: DSV4Config, found: "list[Found]") -> list[Problem]:
-    """The config.json fields that the tensors on disk contradict, each one line with its evidence.
-
-    Called only for an artifact with problems (a good one costs nothing): the embedding's shape gives
-    ``hidden_size`` and ``vocab_size``; the highest decoder / MTP layer on disk bounds ``num_hidden_layers``
-    / ``num_nextn_predict_layers`` when the config declares more (a lower count shows as tensors that fit no
-    layer, each named already)."""
+    """The sizes in config.json that the embedding on disk contradicts (``hidden_size``, ``vocab_size``), each
+    one line with its evidence, on top of the per-tensor problems such a mismatch causes. Called only for an
+    artifact with problems (a good one costs nothing); the counts are ``count_contradictions``'s."""
     out = []
-
-    def contradiction(key: str, on_disk: int, declared: int, evidence: str) -> None:
-        out.append(Problem(CONFIG, "mtp.*" if "nextn" in key else "main", key, "config.json",
-                           f"expected {on_disk} ({evidence}), found {declared}"))
     embed = next((src for f in found for name, src in zip(f.canonical, f.sources) if name == "embed.weight"), None)
     if embed is not None and len(embed.shape) == 2 and not getattr(embed, "ops", ()):
         where = f"{embed.tensor} is {list(embed.shape)} in {embed.file}"
         if embed.shape[1] != cfg.dim:
-            contradiction("hidden_size", embed.shape[1], cfg.dim, where)
+            out.append(_contradiction("hidden_size", "main", embed.shape[1], cfg.dim, where))
         if embed.shape[0] != cfg.vocab_size:
-            contradiction("vocab_size", embed.shape[0], cfg.vocab_size, where)
-    text = "\n".join(f.text for f in found)
-    layers = {int(i) for i in _LAYER_INDEX.findall(text)}
-    if layers and max(layers) + 1 < cfg.n_layers:
-        contradiction("num_hidden_layers", max(layers) + 1, cfg.n_layers,
-                      f"decoder layers 0-{max(layers)} on disk, none above")
-    mtp = {int(i) for i in _MTP_INDEX.findall(text)}
-    if mtp and max(mtp) + 1 < cfg.n_mtp_layers:
-        contradiction("num_nextn_predict_layers", max(mtp) + 1, cfg.n_mtp_layers,
-                      f"MTP layers 0-{max(mtp)} on disk, none above")
+            out.append(_contradiction("vocab_size", "main", embed.shape[0], cfg.vocab_size, where))
     return out

@@ -13,7 +13,7 @@ from typing import NamedTuple
 from ..config import DSV4Config
 from ..quant.groups import group_of
 
-__all__ = ["ParamSpec", "expected_params", "LINEAR", "FLOAT", "INDEX"]
+__all__ = ["ParamSpec", "Counts", "expected_params", "LINEAR", "FLOAT", "INDEX"]
 
 LINEAR, FLOAT, INDEX = "linear", "float", "index"
 
@@ -34,18 +34,35 @@ class ParamSpec(NamedTuple):
 _spec = partial(tuple.__new__, ParamSpec)
 
 
+class Counts(NamedTuple):
+    """The counts that multiply the parameter space: decoder layers, MTP layers, routed experts per block.
+
+    The config's own (``of``) unless the plan has found config.json declaring more than the tensors on disk
+    hold (``config_check.count_contradictions``): then the space is built only as far as the tensors go, the
+    contradiction being reported once, instead of millions of "missing" lines (or a MemoryError)."""
+
+    layers: int
+    mtp_layers: int
+    experts: int
+
+    @classmethod
+    def of(cls, cfg: DSV4Config) -> "Counts":
+        return cls(cfg.n_layers, cfg.n_mtp_layers, cfg.n_routed_experts)
+
+
 class _Experts(NamedTuple):
     """The routed experts' local names (``ffn.experts.{e}.{w1,w3,w2}``) and shapes, the same in every block
     (one shape tuple each, shared by every expert of every layer)."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, int], ...]
+    count: int                              # the router's width too
 
 
 def _block(p: str, cfg: DSV4Config, layer: int, part: str, experts: _Experts) -> list[ParamSpec]:
     D, H, d, q = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.q_lora_rank
     G, N, r = cfg.o_groups, cfg.hc_mult, cfg.ratio(layer)
-    I, E, Ish = cfg.moe_inter_dim, cfg.n_routed_experts, cfg.moe_inter_dim * cfg.n_shared_experts
+    I, E, Ish = cfg.moe_inter_dim, experts.count, cfg.moe_inter_dim * cfg.n_shared_experts
     out: list[ParamSpec] = []
 
     def lin(name: str, o: int, i: int) -> None:
@@ -94,20 +111,23 @@ def _hc_head(p: str, cfg: DSV4Config, part: str) -> list[ParamSpec]:
             ParamSpec(p + "hc_head_scale", (1,), FLOAT, "other", part)]
 
 
-def expected_params(cfg: DSV4Config, *, include_mtp: bool = True) -> list[ParamSpec]:
-    """Every parameter of the main model (and of each MTP layer unless ``include_mtp`` is false)."""
+def expected_params(cfg: DSV4Config, *, include_mtp: bool = True, counts: Counts | None = None) -> list[ParamSpec]:
+    """Every parameter of the main model (and of each MTP layer unless ``include_mtp`` is false); ``counts``
+    (default: the config's) bounds the layers, MTP layers and experts built. MTP layer ``k`` stays layer
+    ``cfg.n_layers + k`` of ``compress_ratios`` whatever the count of main layers built."""
+    n = counts or Counts.of(cfg)
     V, D = cfg.vocab_size, cfg.dim
     out = [ParamSpec("embed.weight", (V, D), FLOAT, "embed", "main"),
            ParamSpec("head", (V, D), LINEAR, group_of("head"), "main"),
            ParamSpec("norm.weight", (D,), FLOAT, "other", "main")]
     out += _hc_head("", cfg, "main")
     I = cfg.moe_inter_dim
-    experts = _Experts(tuple(f"ffn.experts.{e}.{w}" for e in range(cfg.n_routed_experts) for w in ("w1", "w3", "w2")),
-                       ((I, D), (I, D), (D, I)))
-    for i in range(cfg.n_layers):
+    experts = _Experts(tuple(f"ffn.experts.{e}.{w}" for e in range(n.experts) for w in ("w1", "w3", "w2")),
+                       ((I, D), (I, D), (D, I)), n.experts)
+    for i in range(n.layers):
         out += _block(f"layers.{i}.", cfg, i, "main", experts)
     if include_mtp:
-        for k in range(cfg.n_mtp_layers):
+        for k in range(n.mtp_layers):
             p, part = f"mtp.{k}.", f"mtp.{k}"
             out += _block(p, cfg, cfg.n_layers + k, part, experts)
             out += [ParamSpec(p + m, (D, D), LINEAR, group_of(m), part) for m in ("e_proj", "h_proj")]

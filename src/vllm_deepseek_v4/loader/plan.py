@@ -21,7 +21,7 @@ from ..config import DSV4Config, load_config
 from ..errors import PlanError
 from ..naming import CONVENTIONS, Resolver, Rule
 from .account import SHARED, Found, account
-from .config_check import config_contradictions, quant_config_disagreements
+from .config_check import config_contradictions, count_contradictions, quant_config_disagreements
 from .expected import ParamSpec, expected_params
 from .records import (FOREIGN_MTP, MTP_DROPPED, MTP_ONLY, NAMING, QUANT, UNMAPPED, AnySource, ParamPlan,
                       Problem, Source, part_of)
@@ -115,8 +115,9 @@ class LoadPlan:
         """Whether the MTP draft is complete, and where its shared embed/head come from (``planned``: the
         parts that have parameters, if known)."""
         n = self.cfg.n_mtp_layers if self.include_mtp else 0
-        parts = {f"mtp.{k}" for k in range(n)}
-        complete = (bool(parts) and parts <= (self._parts() if planned is None else planned)
+        planned = self._parts() if planned is None else planned
+        # no set of the n declared parts: n may be a bogus 10^6 (reported by the plan)
+        complete = (0 < n <= len(planned) and all(f"mtp.{k}" in planned for k in range(n))
                     and not any(p.part != "main" for p in self.missing + self.errors))
         shared = {}
         for key, label in (("embed.weight", "embed"), ("head", "head")):
@@ -148,10 +149,12 @@ def build_plan(path: str, *, cfg: DSV4Config | None = None, include_mtp: bool = 
         ck = checkpoint if checkpoint is not None else scan_checkpoint(path)
         cfg = cfg if cfg is not None else load_config(path)
         found, problems, explained, conventions = _resolve(ck, cfg)
-        books = account(expected_params(cfg, include_mtp=include_mtp), found, cfg, include_mtp)
+        # a count above the tensors on disk is one error, and the parameters are built only as far as the tensors
+        counts, contradicted = count_contradictions(cfg, found, include_mtp)
+        books = account(expected_params(cfg, include_mtp=include_mtp, counts=counts), found, cfg, include_mtp)
         plan = LoadPlan(path=path, cfg=cfg, checkpoint=ck, include_mtp=include_mtp, params=books.params,
                         explained=explained + books.explained, naming=_naming(conventions))
-        problems += books.problems
+        problems = contradicted + problems + books.problems
         plan.add(config_contradictions(cfg, found) + problems if problems else [])
         _check_mtp(plan)
         plan.warnings += quant_config_disagreements(plan)
