@@ -105,9 +105,10 @@ def _contradiction(key: str, part: str, on_disk: int, declared: int, evidence: s
 
 def _holds(found: "list[Found]", segment: str, at_start: bool) -> bool:
     """Whether a canonical name on disk holds ``segment`` (at its start if ``at_start``): a substring search
-    per batch of names, no parsing (a good Flash artifact pays ~1 ms for the three counts)."""
+    per batch of names, no parsing (a good Flash artifact, 69k names, pays ~0.6 ms for the three counts)."""
     line = "\n" + segment if at_start else segment
-    return any(line in f.text or (at_start and f.text.startswith(segment)) for f in found)
+    # searched from the end: the highest index sits at the end of a batch (names in checkpoint order)
+    return any(f.text.rfind(line) >= 0 or (at_start and f.text.startswith(segment)) for f in found)
 
 
 def count_contradictions(cfg: DSV4Config, found: "list[Found]", include_mtp: bool) -> tuple[Counts, list[Problem]]:
