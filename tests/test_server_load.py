@@ -1,7 +1,8 @@
 """`vllm serve` under load: the shipped tiny model with MTP k = 2, fp32, greedy, over real HTTP.
 
-One server per KV pool size. On each: 64 good requests of mixed prompt lengths (2..250 tokens, some crossing
-the 256-token cache block while decoding) and output lengths are fired at once, together with bad requests
+One server per KV pool size. On each: 64 good requests of mixed prompt lengths (2..250 tokens, some decoding
+past position 256, across block boundaries of the CSA and HCA layers' window caches, 48 and 112 tokens a block
+for this model) and output lengths are fired at once, together with bad requests
 (prompt longer than the context, invalid sampling parameters, unknown model, out-of-vocabulary token ids,
 invalid JSON) and streaming requests whose client closes the socket halfway. Then:
 
