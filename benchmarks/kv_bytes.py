@@ -133,7 +133,7 @@ def vllm_fp8(cfg: DSV4Config) -> float:
 
 def fp8_entries(cfg: DSV4Config) -> dict[str, Any]:
     """The same page arithmetic (``kv_layout.cache_geometry``) with vLLM's FP8 entry and key sizes."""
-    kinds = {k for r in set(cfg.compress_ratios) for k in kv_layout.layer_kinds(cfg, r)}
+    kinds = kv_layout.config_kinds(cfg)
     state = {"kv_window": lambda k: k.state_bytes, "kv_compressed": lambda k: VLLM_ENTRY,
              "kv_index": lambda k: VLLM_INDEX_KEY}
     need = [(state[k.suffix](k), k.tokens_per_state) for k in kinds]

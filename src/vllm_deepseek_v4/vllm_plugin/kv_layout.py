@@ -27,8 +27,8 @@ from ..config import DSV4Config
 from ..model.attention import history
 from ..model.compressor import CSA_RATIO
 
-__all__ = ["ELEMENT_BYTES", "MIN_BLOCK", "RowLayout", "CacheKind", "CacheGeometry", "layer_kinds", "cache_geometry",
-           "block_sizes", "prefix_hit_tokens"]
+__all__ = ["ELEMENT_BYTES", "MIN_BLOCK", "RowLayout", "CacheKind", "CacheGeometry", "layer_kinds", "config_kinds",
+           "cache_geometry", "block_sizes", "prefix_hit_tokens"]
 
 ELEMENT_BYTES = 4     # the caches are fp32: the portable compressor's precision, and exact for bf16/fp16 latents
 MIN_BLOCK = 16        # tokens in the smallest block (the widest window row's); every block is a multiple of it
@@ -87,6 +87,11 @@ def layer_kinds(cfg: DSV4Config, ratio: int) -> list[CacheKind]:
     return kinds
 
 
+def config_kinds(cfg: DSV4Config) -> set[CacheKind]:
+    """Every kind of cache layer this config's attention layers (trunk and MTP) have."""
+    return {k for r in set(cfg.compress_ratios) for k in layer_kinds(cfg, r)}
+
+
 @dataclass(frozen=True)
 class CacheGeometry:
     """The page every cache layer of a config shares and the sliding window of the window caches."""
@@ -110,15 +115,15 @@ def cache_geometry(cfg: DSV4Config) -> CacheGeometry:
     ``P / s * t`` tokens; it is a multiple of ``MIN_BLOCK`` iff ``P`` is a multiple of
     ``s * MIN_BLOCK / gcd(MIN_BLOCK, t)``, so ``P`` is the least common multiple of those.
     """
-    kinds = {k for r in set(cfg.compress_ratios) for k in layer_kinds(cfg, r)}
-    page = math.lcm(*(k.state_bytes * (MIN_BLOCK // math.gcd(MIN_BLOCK, k.tokens_per_state)) for k in kinds))
+    page = math.lcm(*(k.state_bytes * (MIN_BLOCK // math.gcd(MIN_BLOCK, k.tokens_per_state))
+                      for k in config_kinds(cfg)))
     return CacheGeometry(page, 1 + max(history(cfg, r) for r in set(cfg.compress_ratios)))
 
 
 def block_sizes(cfg: DSV4Config) -> list[int]:
     """The block sizes (tokens) of this config's cache kinds, ascending."""
     geometry = cache_geometry(cfg)
-    return sorted({geometry.block_size(k) for r in set(cfg.compress_ratios) for k in layer_kinds(cfg, r)})
+    return sorted({geometry.block_size(k) for k in config_kinds(cfg)})
 
 
 def prefix_hit_tokens(cfg: DSV4Config) -> int:
