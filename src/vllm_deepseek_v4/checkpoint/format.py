@@ -17,7 +17,7 @@ from typing import Any, Callable, Final, Iterable, NamedTuple, NoReturn
 from vllm_deepseek_v4.errors import CheckpointError
 
 __all__ = ["DTYPE_BITS", "DTYPE_SIZES", "TORCH_DTYPE_NAMES", "MAX_HEADER_BYTES", "Checkpoint", "TensorInfo",
-           "getter", "parse_header"]
+           "getter", "parse_header", "unprintable"]
 
 # Bits per element for every dtype code safetensors 0.8 writes (safetensors/src/tensor.rs `Dtype::bitsize`).
 DTYPE_BITS: Final[dict[str, int]] = {
@@ -124,6 +124,13 @@ class _Kind(NamedTuple):
     nbytes: int | None                 # None: a negative dimension, or elements that do not fill whole bytes
 
 
+def unprintable(names: Iterable[str]) -> str | None:
+    """The first name holding a control or other unprintable character (printed raw, a newline would split the
+    one line that names a problem), or None: one C-level pass over the names joined."""
+    names = list(names)
+    return None if "".join(names).isprintable() else next(n for n in names if not n.isprintable())
+
+
 def _fail(path: str, what: str, expected: object, found: object, tensor: str | None = None) -> CheckpointError:
     return CheckpointError(what, file=path, tensor=tensor, expected=expected, found=found)
 
@@ -158,8 +165,7 @@ def _read_header(path: str, size: int) -> tuple[dict[str, object], int]:
     # again with the pairs seen (a cost paid only then; the text may also occur inside a string).
     # A name with a control character (a newline would split every report line naming it) is escaped in the
     # JSON text, or non-ASCII (NEL, LINE SEPARATOR): an ASCII header without a backslash has none (fast path).
-    if not (raw.isascii() and b"\\" not in raw) and not "".join(header).isprintable():
-        name = next(n for n in header if not n.isprintable())
+    if not (raw.isascii() and b"\\" not in raw) and (name := unprintable(header)) is not None:
         raise _fail(path, "tensor name with control characters", "printable characters", ascii(name))
     entries = len(header) - ("__metadata__" in header)
     if any(raw.count(key) != entries for key in (b'"data_offsets"', b'"dtype"', b'"shape"')):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final, NoReturn
 
-from vllm_deepseek_v4.checkpoint.format import Checkpoint, TensorInfo, getter, parse_header
+from vllm_deepseek_v4.checkpoint.format import Checkpoint, TensorInfo, getter, parse_header, unprintable
 from vllm_deepseek_v4.errors import CheckpointError
 
 __all__ = ["INDEX_NAME", "scan_checkpoint", "gc_paused"]
@@ -66,9 +66,8 @@ def _read_index(path: str) -> tuple[dict[str, str], set[str]]:
         name, rel = next((name, rel) for name, rel in wmap.items() if not _inside(rel))
         raise CheckpointError("bad weight_map entry", file=path, tensor=name,
                               expected="a printable file name inside the artifact folder", found=repr(rel))
-    if not "".join(wmap).isprintable():         # a tensor name with a newline would split the lines naming it
-        raise CheckpointError("bad weight_map entry", file=path, expected="printable tensor names",
-                              found=ascii(next(n for n in wmap if not n.isprintable())))
+    if (name := unprintable(wmap)) is not None:
+        raise CheckpointError("bad weight_map entry", file=path, expected="printable tensor names", found=ascii(name))
     return wmap, files
 
 
