@@ -31,7 +31,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     plan, rep = plan_or_report(args.path, include_mtp=not args.no_mtp)
     # the plan's problems, then what the portable engine cannot build (a quant group mixing schemes)
-    problems = plan.problems() + [p.line for p in plan.one_scheme_problems()] if plan is not None else rep["errors"]
+    problems = (plan.problems() + [p.line for p in plan.one_scheme_problems(rep["quant"])] if plan is not None
+                else rep["errors"])
     for line in problems:
         print(line)
     if problems:

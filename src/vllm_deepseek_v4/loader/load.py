@@ -25,10 +25,11 @@ __all__ = ["schemes_from_plan", "load_model"]
 def schemes_from_plan(plan: LoadPlan) -> dict[str, dict[str, str]]:
     """``{part: {group: scheme}}`` for the model builder; a group mixing schemes is refused by name
     (``LoadPlan.one_scheme_problems``)."""
-    mixed = plan.one_scheme_problems()
+    report = plan.quant_report()
+    mixed = plan.one_scheme_problems(report)
     if mixed:
         raise QuantMismatchError(mixed[0].reason, file=mixed[0].file, tensor=mixed[0].tensor)
-    return {part: dict(groups) for part, groups in plan.quant_report().items()}
+    return report
 
 
 def load_model(path: str, *, dtype: "torch.dtype | None" = None, include_mtp: bool = True,
